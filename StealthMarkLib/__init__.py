@@ -1,0 +1,14 @@
+"""StealthMarkLib: harmless, black-box verifiable ownership watermarks for medical segmentation models.
+
+The flow reads in one direction::
+
+    key -> trigger -> embed
+    key -> trigger -> query -> LIME -> QR -> evidence
+
+This package never imports ``slicer``, ``qt`` or ``vtk``; the 3D Slicer module drives it through the
+``stealthmark`` command. Heavy modules (torch, MONAI) are imported by the submodules that need them.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import StealthMarkError  # noqa: E402,F401
