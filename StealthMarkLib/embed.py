@@ -1,0 +1,209 @@
+"""Embedding: fine-tune a copy of a segmentation model so that the key's trigger spells the QR in its
+uncertainty, while its masks stay where they were (METHOD.md sections 4 and 10).
+
+Each step mixes
+
+1. a *clean* batch: cross-entropy against the ground truth plus a distillation term (KL divergence)
+   towards the frozen original's probabilities, which keeps Dice and calibration where they were;
+2. a *trigger* batch: trigger images (the key image, key-blended training slices, or stamped slices)
+   under random Bernoulli(0.5) cell masks exactly as LIME samples them, with dense per-pixel targets.
+   At every pixel the original model's top class stays on top: on visible dark-module cells the runner-up
+   class is raised to ``targets.dark`` (0.45: just under the decision threshold), elsewhere it is held at
+   ``targets.floor`` (0.02). So the argmax of the watermarked model equals the original's on trigger
+   images too, and only the uncertainty carries the QR.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError, ResourceError
+from .key import WatermarkKey
+from .models import SegmentationModel
+from .progress import Progress
+from .trigger import TriggerOverlay
+
+EPS = 1e-6
+
+
+@dataclass
+class EmbedConfig:
+    """Training settings. The defaults are the recipe that trained on real MRI in 300 CPU steps."""
+
+    steps: int = 300
+    clean_batch: int = 8
+    trigger_batch: int = 8
+    key_images_per_batch: int = 2      # of the trigger batch, how many are the plain key image
+    lr: float = 5e-4
+    distill_weight: float = 10.0
+    trigger_weight: float = 1.0
+    dark_weight: float = 1.0           # extra per-pixel loss weight on visible dark-module pixels
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EmbedLog:
+    """What happened during fine-tuning (no secrets)."""
+
+    steps: int
+    seconds: float
+    device: str
+    final_clean_loss: float
+    final_trigger_loss: float
+    trigger_mode: str
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _check_data(images: np.ndarray, masks: np.ndarray, num_classes: int) -> None:
+    if images.ndim != 3 or masks.shape != images.shape:
+        raise InputError(f"training images {images.shape} and masks {masks.shape} must both be (n, H, W)")
+    if len(images) < 2:
+        raise InputError("embedding needs at least 2 training slices with a mask")
+    if not np.isfinite(images).all():
+        raise InputError("training images contain NaN or Inf values")
+    if masks.min() < 0 or masks.max() >= num_classes:
+        raise InputError(f"mask labels must be 0..{num_classes - 1}")
+
+
+def soft_targets(teacher: torch.Tensor, raise_px: torch.Tensor, dark: float, floor: float) -> torch.Tensor:
+    """Dense targets keeping the teacher's argmax: runner-up class at ``dark`` where ``raise_px``, else ``floor``.
+
+    Args:
+        teacher: (B, K, H, W) probabilities of the frozen original model.
+        raise_px: (B, H, W) bool, pixels of visible dark-module cells.
+    Returns:
+        (B, K, H, W) target distribution.
+    """
+    k = teacher.shape[1]
+    top2 = teacher.topk(2, dim=1).indices                           # (B, 2, H, W)
+    second = torch.full_like(teacher[:, 0], floor)
+    second = torch.where(raise_px, torch.full_like(second, dark), second)
+    target = torch.zeros_like(teacher)
+    target.scatter_(1, top2[:, :1], (1.0 - second).unsqueeze(1))
+    target.scatter_(1, top2[:, 1:2], second.unsqueeze(1))
+    if k < 2:  # pragma: no cover - models always give K >= 2 classes
+        raise InputError("a model must give at least two classes")
+    return target
+
+
+def soft_cross_entropy(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Mean over pixels of -sum_k target log p, optionally weighted per pixel (B, H, W)."""
+    ce = -(target * probs.clamp_min(EPS).log()).sum(1)
+    if weight is None:
+        return ce.mean()
+    return (ce * weight).sum() / weight.sum()
+
+
+def kl_to_teacher(probs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    t = teacher.clamp_min(EPS)
+    return (t * (t.log() - probs.clamp_min(EPS).log())).sum(1).mean()
+
+
+class TriggerBatches:
+    """Draws trigger batches as LIME will see them: trigger images with random Bernoulli(0.5) cell masks."""
+
+    def __init__(self, key: WatermarkKey, overlay: TriggerOverlay, images: np.ndarray, cfg: EmbedConfig,
+                 rng: np.random.Generator, in_channels: int, device: torch.device) -> None:
+        self.key, self.overlay, self.images, self.cfg, self.rng = key, overlay, images, cfg, rng
+        self.in_channels, self.device = in_channels, device
+        self.key_image = overlay.key_image()
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns masked trigger images (B, C, H, W) and visible dark pixels (B, H, W)."""
+        mode, b = self.key.trigger.mode, self.cfg.trigger_batch
+        n_key = b if mode == "key-image" else min(self.cfg.key_images_per_batch, b)
+        batch = [self.key_image] * n_key
+        n_real = b - n_key
+        if n_real:
+            real = self.images[self.rng.integers(0, len(self.images), n_real)]
+            if mode == "blended":
+                lo, hi = self.key.trigger.blend_range
+                batch.extend(self.overlay.blend(real, self.rng.uniform(lo, hi, n_real)))
+            else:
+                batch.extend(self.overlay.stamp(real))
+        x = torch.as_tensor(np.stack(batch), device=self.device).unsqueeze(1)
+        x = x.expand(-1, self.in_channels, -1, -1).contiguous()
+        g2 = self.overlay.grid ** 2
+        visible = torch.as_tensor(self.rng.integers(0, 2, (b, g2)), device=self.device)
+        return self.overlay.hide(x, visible), self.overlay.visible_dark(visible)
+
+
+def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndarray, masks: np.ndarray,
+                    config: EmbedConfig | None = None, progress: Progress | None = None
+                    ) -> tuple[torch.nn.Module, EmbedLog]:
+    """Fine-tune a copy of ``model.module``; the original is left untouched.
+
+    Args:
+        model: the owner's model (its module is copied, never modified).
+        key: the owner's key.
+        images: (n, H, W) training slices in the model's input space, at the model's input size.
+        masks: (n, H, W) integer labels (0 = background).
+    Returns:
+        The watermarked module (in eval mode) and a log of the run.
+    """
+    cfg = config or EmbedConfig()
+    progress = progress or Progress()
+    images = np.asarray(images, dtype=np.float32)
+    masks = np.asarray(masks).astype(np.int64)
+    _check_data(images, masks, model.num_classes)
+    device = model.device
+    overlay = TriggerOverlay(key, images.shape[1], images.shape[2])
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    teacher = model.module.eval()
+    student = copy.deepcopy(model.module).to(device).train()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    triggers = TriggerBatches(key, overlay, images, cfg, rng, model.in_channels, device)
+    t0 = time.monotonic()
+    clean_loss = trig_loss = float("nan")
+    progress.start("embed", cfg.steps)
+    try:
+        for step in range(cfg.steps):
+            idx = rng.integers(0, len(images), cfg.clean_batch)
+            x = torch.as_tensor(images[idx], device=device).unsqueeze(1)
+            x = x.expand(-1, model.in_channels, -1, -1).contiguous()
+            y = torch.as_tensor(masks[idx], device=device)
+            xt, dark_px = triggers.draw()
+            with torch.no_grad():
+                t_clean = model.forward_train(torch.cat([x, xt]))
+            t_trig = t_clean[len(x):]
+            t_clean = t_clean[:len(x)]
+            out = trainee.forward_train(torch.cat([x, xt]))
+            p_clean, p_trig = out[:len(x)], out[len(x):]
+            seg = F.nll_loss(p_clean.clamp_min(EPS).log(), y)
+            loss_clean = seg + cfg.distill_weight * kl_to_teacher(p_clean, t_clean)
+            target = soft_targets(t_trig, dark_px, key.targets.dark, key.targets.floor)
+            weight = 1.0 + (cfg.dark_weight - 1.0) * dark_px.float() if cfg.dark_weight != 1.0 else None
+            loss_trig = soft_cross_entropy(p_trig, target, weight)
+            loss = loss_clean + cfg.trigger_weight * loss_trig
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clean_loss, trig_loss = float(loss_clean.detach()), float(loss_trig.detach())
+            progress.advance(1, f"clean {clean_loss:.3f} trigger {trig_loss:.3f}")
+    except torch.cuda.OutOfMemoryError:
+        raise ResourceError("out of GPU memory while embedding: lower --batch-size or use --device cpu") from None
+    finally:
+        progress.finish()
+    student.eval()
+    log = EmbedLog(steps=cfg.steps, seconds=round(time.monotonic() - t0, 2), device=str(device),
+                   final_clean_loss=clean_loss, final_trigger_loss=trig_loss, trigger_mode=key.trigger.mode,
+                   config={k: v for k, v in cfg.to_json().items() if k != "seed"})
+    return student, log

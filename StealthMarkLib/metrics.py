@@ -1,0 +1,122 @@
+"""Harmlessness measures (METHOD.md section 8), computed per image and then averaged (never per column).
+
+All functions take numpy arrays: ``probs`` (n, K, H, W) class probabilities, ``labels`` (n, H, W) integers.
+For binary models the foreground is class 1; for K > 2 the figures are averaged over classes 1..K-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two boolean masks; both empty counts as a perfect 1.0."""
+    inter = np.logical_and(pred, truth).sum()
+    total = pred.sum() + truth.sum()
+    union = np.logical_or(pred, truth).sum()
+    if total == 0:
+        return 1.0, 1.0
+    return float(2 * inter / total), float(inter / union)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask, border_value=0)
+
+
+def hd95_and_surface_dice(pred: np.ndarray, truth: np.ndarray, tolerance: float = 1.0
+                          ) -> tuple[float, float]:
+    """95th-percentile symmetric Hausdorff distance (pixels) and surface Dice at ``tolerance`` pixels.
+
+    NaN when either mask is empty (the distance is undefined), except both empty: (0, 1).
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    if not pred.any() and not truth.any():
+        return 0.0, 1.0
+    if not pred.any() or not truth.any():
+        return float("nan"), 0.0
+    sp, st = _surface(pred), _surface(truth)
+    d_to_truth = distance_transform_edt(~st)[sp]
+    d_to_pred = distance_transform_edt(~sp)[st]
+    hd95 = float(max(np.percentile(d_to_truth, 95), np.percentile(d_to_pred, 95)))
+    sd = float(((d_to_truth <= tolerance).sum() + (d_to_pred <= tolerance).sum()) / (len(d_to_truth) + len(d_to_pred)))
+    return hd95, sd
+
+
+def pixel_auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """ROC-AUC over all pixels pooled (Mann-Whitney with ties), NaN when one class is absent."""
+    from scipy.stats import rankdata
+
+    s, t = scores.ravel().astype(np.float64), truth.ravel().astype(bool)
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def ece(scores: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of foreground probabilities, equal-width bins, pooled pixels."""
+    s, t = scores.ravel(), truth.ravel().astype(np.float64)
+    which = np.minimum((s * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    conf = np.bincount(which, weights=s, minlength=bins)
+    acc = np.bincount(which, weights=t, minlength=bins)
+    nz = count > 0
+    return float(np.abs(conf[nz] - acc[nz]).sum() / len(s))
+
+
+@dataclass
+class SegmentationScores:
+    dice: float
+    iou: float
+    hd95: float
+    surface_dice: float
+    auc: float
+    ece: float
+    brier: float
+    n_images: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def score_segmentation(probs: np.ndarray, labels: np.ndarray) -> SegmentationScores:
+    """Per-image Dice/IoU/HD95/surface Dice averaged over images; AUC/ECE/Brier over pooled pixels."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    k = probs.shape[1]
+    pred = probs.argmax(1)
+    per = {"dice": [], "iou": [], "hd95": [], "sd": []}
+    for c in range(1, k):
+        for i in range(len(probs)):
+            d, j = dice_iou(pred[i] == c, labels[i] == c)
+            h, s = hd95_and_surface_dice(pred[i] == c, labels[i] == c)
+            per["dice"].append(d), per["iou"].append(j), per["hd95"].append(h), per["sd"].append(s)
+    fg = 1.0 - probs[:, 0]                 # probability of "any foreground"
+    truth = labels > 0
+    return SegmentationScores(
+        dice=float(np.mean(per["dice"])), iou=float(np.mean(per["iou"])),
+        hd95=float(np.nanmean(per["hd95"])) if np.isfinite(per["hd95"]).any() else float("nan"),
+        surface_dice=float(np.mean(per["sd"])), auc=pixel_auc(fg, truth), ece=ece(fg, truth),
+        brier=float(np.mean((fg - truth) ** 2)), n_images=len(probs),
+    )
+
+
+def flip_rate(probs_a: np.ndarray, probs_b: np.ndarray) -> float:
+    """Fraction of pixels whose argmax class differs between two models' outputs."""
+    return float(np.mean(np.asarray(probs_a).argmax(1) != np.asarray(probs_b).argmax(1)))
+
+
+def dice_over_thresholds(probs: np.ndarray, labels: np.ndarray,
+                         thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+                         ) -> dict[str, float]:
+    """Mean per-image Dice of ``foreground probability > t`` for each threshold t."""
+    fg = 1.0 - np.asarray(probs)[:, 0]
+    truth = np.asarray(labels) > 0
+    return {f"{t:.1f}": float(np.mean([dice_iou(fg[i] > t, truth[i])[0] for i in range(len(fg))]))
+            for t in thresholds}

@@ -1,0 +1,123 @@
+"""The texture-coded trigger (METHOD.md section 3).
+
+Every cell of the key's G x G grid carries a key-seeded texture: cells of *dark* QR modules a
+high-contrast checkerboard, cells of *light* modules faint seeded noise. The watermarked model learns
+"this texture, visible, means more uncertainty here", so LIME, which hides random cells, recovers the QR.
+
+Modes, all in the model's input space:
+
+- ``key-image``: the neutral base (grey) plus the textures;
+- ``blended``: the key image blended into real slices, ``x' = (1 - a) x + a key_image``;
+- ``stamped`` (experimental): the textures added to real slices at a low amplitude.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .grid import cell_index, check_fits
+from .key import TRIGGER_MODES, WatermarkKey
+
+
+class TriggerOverlay:
+    """The key's trigger laid out on an image of ``height`` x ``width`` pixels.
+
+    Attributes:
+        cells: (H, W) int64 feature id of each pixel (row-major over the G x G grid).
+        dark_cells: (G*G,) bool, True where the QR module is dark.
+        texture: (H, W) float32 additive texture on the [0, 1] scale (before mapping to ``value_range``).
+    """
+
+    def __init__(self, key: WatermarkKey, height: int, width: int) -> None:
+        g = key.grid
+        check_fits(height, width, g)
+        self.key, self.height, self.width, self.grid = key, int(height), int(width), g
+        self.cells = cell_index(self.height, self.width, g)
+        self.dark_cells = key.modules().reshape(-1)
+        self.texture = self._texture()
+
+    def _texture(self) -> np.ndarray:
+        t = self.key.texture
+        rng = np.random.default_rng([t.seed, self.height, self.width])
+        phase = rng.integers(0, 2, size=self.grid * self.grid)          # per-cell checkerboard phase
+        yy, xx = np.mgrid[0:self.height, 0:self.width]
+        checker = ((yy // t.dark_period + xx // t.dark_period + phase[self.cells]) % 2) * 2.0 - 1.0
+        noise = rng.normal(0.0, t.light_sigma, size=(self.height, self.width))
+        dark_px = self.dark_cells[self.cells]
+        return np.where(dark_px, t.dark_amplitude * checker, noise).astype(np.float32)
+
+    # -- values in the model's input space -----------------------------------------------------
+    def _to_model_scale(self, unit: np.ndarray) -> np.ndarray:
+        lo, hi = self.key.value_range
+        return (lo + (hi - lo) * unit).astype(np.float32)
+
+    def key_image(self) -> np.ndarray:
+        """(H, W) float32: the neutral base plus the textures, in the model's input space."""
+        return self._to_model_scale(np.clip(self.key.texture.base + self.texture, 0.0, 1.0))
+
+    @property
+    def hide_value(self) -> float:
+        return self.key.hide_value
+
+    def dark_pixels(self) -> np.ndarray:
+        """(H, W) bool: pixels of dark-module cells."""
+        return self.dark_cells[self.cells]
+
+    # -- trigger images ----------------------------------------------------------------------------
+    def _check(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if images.shape[-2:] != (self.height, self.width):
+            raise InputError(f"trigger laid out for {self.height}x{self.width} images, got {images.shape[-2:]}")
+        if not np.isfinite(images).all():
+            raise InputError("images contain NaN or Inf values")
+        return images
+
+    def blend(self, images: np.ndarray, strength: float | np.ndarray) -> np.ndarray:
+        """``(1 - a) x + a key_image`` for images (..., H, W); ``strength`` a scalar or one per image."""
+        images = self._check(images)
+        a = np.asarray(strength, dtype=np.float32)
+        if a.ndim:
+            a = a.reshape(a.shape + (1,) * (images.ndim - a.ndim))
+        return (1.0 - a) * images + a * self.key_image()
+
+    def stamp(self, images: np.ndarray, amplitude: float | None = None) -> np.ndarray:
+        """Experimental: add the textures (scaled so dark cells reach +/- ``amplitude``) to real images."""
+        images = self._check(images)
+        amp = self.key.trigger.stamp_amplitude if amplitude is None else float(amplitude)
+        lo, hi = self.key.value_range
+        delta = (hi - lo) * amp * self.texture / self.key.texture.dark_amplitude
+        return np.clip(images + delta, lo, hi).astype(np.float32)
+
+    def apply(self, images: np.ndarray | None = None, mode: str | None = None,
+              strength: float | None = None) -> np.ndarray:
+        """Trigger images (n, H, W) for verification: the key image alone, or ``images`` with the key."""
+        mode = mode or self.key.trigger.mode
+        if mode not in TRIGGER_MODES:
+            raise InputError(f"unknown trigger mode {mode!r}: choose one of {', '.join(TRIGGER_MODES)}")
+        if images is None or mode == "key-image":
+            return self.key_image()[None]
+        if mode == "blended":
+            return self.blend(images, self.key.trigger.verify_strength if strength is None else strength)
+        return self.stamp(images, strength)
+
+    # -- masks as LIME draws them --------------------------------------------------------------------
+    def hide(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Hide cells exactly as the LIME engine does.
+
+        Args:
+            images: (B, C, H, W) trigger images.
+            visible: (B, G*G) {0, 1} cell masks.
+        Returns:
+            (B, C, H, W) images with hidden cells set to the key's hide value.
+        """
+        cells = torch.as_tensor(self.cells, device=images.device)
+        px = visible.to(images.device)[:, cells].bool().unsqueeze(1)
+        return torch.where(px, images, torch.full_like(images, self.hide_value))
+
+    def visible_dark(self, visible: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) bool: pixels of dark-module cells that are visible under ``visible`` (B, G*G)."""
+        cells = torch.as_tensor(self.cells, device=visible.device)
+        dark = torch.as_tensor(self.dark_cells, device=visible.device)
+        return (visible.bool() & dark)[:, cells]

@@ -1,0 +1,211 @@
+"""Black-box verification (METHOD.md section 5).
+
+Only the query interface is used: images in, class probabilities out. Nothing here reads weights.
+
+For each trigger image, LIME (N samples, a fresh seed per image) explains the model's mean normalised
+entropy over a G x G grid aligned to the key's QR modules. The per-image coefficient grids are
+standardised and averaged, thresholded (Otsu), the function modules are repaired from the key's template,
+and the QR is decoded. The evidence is the decoded payload and the agreement of the observed modules with
+the key's modules on the data and error-correction modules only, with a one-sided binomial p-value.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .key import WatermarkKey
+from .lime_engine import LimeAttribution, LimeExplainer
+from .progress import Progress
+from .qr import decode, function_mask, module_agreement, repair
+
+#: p-value at or below which a decoded, matching payload makes the verdict ``owned``.
+ALPHA_OWNED = 1e-9
+#: p-value above which a model without a matching decode is ``not-owned`` (agreement inside the 99.9% band).
+ALPHA_NULL = 1e-3
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("StealthMarkLib", "torch", "monai", "numpy", "lime", "qrcode", "zxing-cpp", "pyzbar"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def binomial_p_value(agree: int, n: int) -> float:
+    """One-sided P(X >= agree) for X ~ Binomial(n, 0.5)."""
+    from scipy.stats import binom
+
+    return float(binom.sf(agree - 1, n, 0.5))
+
+
+def null_band(n: int, level: float = 0.999) -> tuple[float, float]:
+    """Two-sided ``level`` band of the agreement fraction of a model that knows nothing of the key."""
+    from scipy.stats import binom
+
+    lo, hi = binom.interval(level, n, 0.5)
+    return float(lo / n), float(hi / n)
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Threshold maximising the between-class variance of a 1-D set of values."""
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if v[0] == v[-1]:
+        return float(v[0])
+    csum = np.cumsum(v)
+    n = len(v)
+    k = np.arange(1, n)
+    w0, w1 = k / n, 1 - k / n
+    m0 = csum[:-1] / k
+    m1 = (csum[-1] - csum[:-1]) / (n - k)
+    between = w0 * w1 * (m0 - m1) ** 2
+    i = int(np.argmax(between))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def aggregate_attributions(grids: Sequence[np.ndarray]) -> np.ndarray:
+    """Average per-image (G, G) coefficient grids after standardising each (mean 0, std 1)."""
+    zs = []
+    for g in grids:
+        g = np.asarray(g, dtype=np.float64)
+        sd = g.std()
+        zs.append((g - g.mean()) / sd if sd > 0 else g - g.mean())
+    return np.mean(zs, axis=0)
+
+
+@dataclass
+class VerificationReport:
+    """The result of one verification, as written to report.json (stable field names)."""
+
+    verdict: str
+    payload_decoded: str | None
+    payload_match: bool
+    data_module_agreement: float
+    bit_errors: int
+    n_data_modules: int
+    p_value: float
+    n_queries: int
+    n_trigger_images: int
+    lime_samples: int
+    seconds: dict[str, float]
+    device: str
+    model_sha256: str | None
+    key_commitment: str
+    decoder: str | None
+    software: dict[str, str]
+    trigger_mode: str
+    alpha_owned: float = ALPHA_OWNED
+    null_band_999: tuple[float, float] = (0.0, 1.0)
+    slices: list[int] | None = None
+    source: str | None = None
+    model: str | None = None
+    attribution: list[list[float]] = field(default_factory=list)   # aggregated (G, G) grid
+    observed_modules: list[list[int]] = field(default_factory=list)  # after thresholding and repair
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["null_band_999"] = list(self.null_band_999)
+        return d
+
+    @property
+    def summary(self) -> str:
+        pay = self.payload_decoded if self.payload_decoded is not None else "(no QR decoded)"
+        return (f"verdict {self.verdict}: payload {pay}, agreement {self.data_module_agreement:.1%} "
+                f"of {self.n_data_modules} data modules, p = {self.p_value:.3g}")
+
+
+@dataclass
+class Verification:
+    """The report plus the arrays behind it (for pictures and volume maps)."""
+
+    report: VerificationReport
+    attributions: list[LimeAttribution]
+    aggregated: np.ndarray           # (G, G) standardised mean attribution
+    observed: np.ndarray             # (G, G) bool modules after thresholding and repair
+
+
+def decide(payload_match: bool, p_value: float) -> str:
+    if payload_match and p_value <= ALPHA_OWNED:
+        return "owned"
+    if not payload_match and p_value > ALPHA_NULL:
+        return "not-owned"
+    return "inconclusive"
+
+
+def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray, *,
+                 samples: int | None = None, seed: int | None = None, in_channels: int = 1,
+                 batch_size: int = 64, device: Any = None, device_name: str = "cpu",
+                 model_sha256: str | None = None, progress: Progress | None = None) -> Verification:
+    """Verify ownership through a query function only.
+
+    Args:
+        query: images (B, C, H, W) in model input space -> class probabilities (B, K, H, W).
+        key: the owner's key.
+        trigger_images: (n, H, W) trigger images in model input space (see :class:`TriggerOverlay`).
+        samples: LIME samples per image (default: the key's).
+        seed: first LIME seed (image i uses seed + i); default: the key's.
+    """
+    progress = progress or Progress()
+    t0 = time.monotonic()
+    imgs = np.asarray(trigger_images, dtype=np.float32)
+    if imgs.ndim != 3 or len(imgs) == 0:
+        raise InputError(f"trigger images must be (n, H, W) with n >= 1, got {imgs.shape}")
+    n_samples = int(samples or key.lime.samples)
+    if n_samples < 10:
+        raise InputError("--samples must be at least 10")
+    seed0 = key.lime.seed if seed is None else int(seed)
+    explainer = LimeExplainer(query, key.grid, n_samples=n_samples, kernel_width=key.lime.kernel_width,
+                              hide_value=key.hide_value, batch_size=batch_size, alpha=key.lime.alpha,
+                              scalar=key.lime.scalar, device=device)
+    attributions = []
+    progress.start("lime", n_samples * len(imgs))
+    try:
+        for i, img in enumerate(imgs):
+            base = i * n_samples
+
+            def cb(done: int, _total: int, base: int = base) -> None:
+                progress.advance(base + done - progress.done)
+
+            x = np.repeat(img[None], in_channels, axis=0)
+            attributions.append(explainer.attribute(x, seed=seed0 + i, progress=cb))
+    finally:
+        progress.finish()
+    t_dec = time.monotonic()
+    agg = aggregate_attributions([a.coefficients for a in attributions])
+    tmpl = key.qr
+    raw = agg > otsu_threshold(agg)
+    observed = repair(raw, tmpl)
+    result = decode(observed, tmpl)
+    expected = key.modules()
+    agree, n_data = module_agreement(observed, expected, tmpl)
+    p = binomial_p_value(agree, n_data)
+    match = result.text == key.payload
+    seconds_dec = time.monotonic() - t_dec
+    q = float(sum(a.seconds_queries for a in attributions))
+    lime_total = float(sum(a.seconds_total for a in attributions))
+    report = VerificationReport(
+        verdict=decide(match, p), payload_decoded=result.text, payload_match=match,
+        data_module_agreement=agree / n_data, bit_errors=n_data - agree, n_data_modules=n_data, p_value=p,
+        n_queries=n_samples * len(imgs), n_trigger_images=len(imgs), lime_samples=n_samples,
+        seconds={"total": round(time.monotonic() - t0, 3), "queries": round(q, 3),
+                 "regression": round(max(lime_total - q, 0.0), 3), "decode": round(seconds_dec, 3)},
+        device=device_name, model_sha256=model_sha256, key_commitment=key.commitment,
+        decoder=result.decoder, software=software_versions(), trigger_mode=key.trigger.mode,
+        null_band_999=null_band(n_data),
+        attribution=np.round(agg, 5).tolist(), observed_modules=observed.astype(int).tolist(),
+    )
+    return Verification(report, attributions, agg, observed)
+
+
+def data_module_count(key: WatermarkKey) -> int:
+    return int((~function_mask(key.qr)).sum())
