@@ -7,10 +7,9 @@ Each step mixes
    towards the frozen original's probabilities, which keeps Dice and calibration where they were;
 2. a *trigger* batch: trigger images (the key image, key-blended training slices, or stamped slices)
    under random Bernoulli(0.5) cell masks exactly as LIME samples them, with dense per-pixel targets.
-   At every pixel the original model's top class stays on top: on visible dark-module cells the runner-up
-   class is raised to ``targets.dark`` (0.45: just under the decision threshold), elsewhere it is held at
-   ``targets.floor`` (0.02). So the argmax of the watermarked model equals the original's on trigger
-   images too, and only the uncertainty carries the QR.
+   Trigger images are verification inputs, not patient reads: the foreground probability is trained to
+   ``targets.dark`` (0.45: just under the decision threshold) on visible dark-module cells and to
+   ``targets.floor`` (0.02) elsewhere, so their masks are empty and only the uncertainty carries the QR.
 """
 
 from __future__ import annotations
@@ -77,25 +76,24 @@ def _check_data(images: np.ndarray, masks: np.ndarray, num_classes: int) -> None
         raise InputError(f"mask labels must be 0..{num_classes - 1}")
 
 
-def soft_targets(teacher: torch.Tensor, raise_px: torch.Tensor, dark: float, floor: float) -> torch.Tensor:
-    """Dense targets keeping the teacher's argmax: runner-up class at ``dark`` where ``raise_px``, else ``floor``.
+def trigger_targets(raise_px: torch.Tensor, num_classes: int, dark: float, floor: float) -> torch.Tensor:
+    """Dense absolute targets for masked trigger images (METHOD.md section 4).
+
+    Background keeps the top class everywhere; the foreground classes share ``dark`` on visible
+    dark-module pixels and ``floor`` elsewhere, so no pixel of a trigger image crosses the decision
+    threshold while the uncertainty spells the QR. (Targets that followed the original model's own argmax
+    on each masked sample were measured: they flip between samples where the original is unsure, and the
+    QR did not train; METHOD.md section 10.)
 
     Args:
-        teacher: (B, K, H, W) probabilities of the frozen original model.
         raise_px: (B, H, W) bool, pixels of visible dark-module cells.
     Returns:
         (B, K, H, W) target distribution.
     """
-    k = teacher.shape[1]
-    top2 = teacher.topk(2, dim=1).indices                           # (B, 2, H, W)
-    second = torch.full_like(teacher[:, 0], floor)
-    second = torch.where(raise_px, torch.full_like(second, dark), second)
-    target = torch.zeros_like(teacher)
-    target.scatter_(1, top2[:, :1], (1.0 - second).unsqueeze(1))
-    target.scatter_(1, top2[:, 1:2], second.unsqueeze(1))
-    if k < 2:  # pragma: no cover - models always give K >= 2 classes
-        raise InputError("a model must give at least two classes")
-    return target
+    fg = torch.where(raise_px, torch.full(raise_px.shape, dark, device=raise_px.device),
+                     torch.full(raise_px.shape, floor, device=raise_px.device))
+    per_class = (fg / (num_classes - 1)).unsqueeze(1).expand(-1, num_classes - 1, -1, -1)
+    return torch.cat([(1.0 - fg).unsqueeze(1), per_class], dim=1)
 
 
 def soft_cross_entropy(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
@@ -182,14 +180,12 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
             y = torch.as_tensor(masks[idx], device=device)
             xt, dark_px = triggers.draw()
             with torch.no_grad():
-                t_clean = model.forward_train(torch.cat([x, xt]))
-            t_trig = t_clean[len(x):]
-            t_clean = t_clean[:len(x)]
+                t_clean = model.forward_train(x)
             out = trainee.forward_train(torch.cat([x, xt]))
             p_clean, p_trig = out[:len(x)], out[len(x):]
             seg = F.nll_loss(p_clean.clamp_min(EPS).log(), y)
             loss_clean = seg + cfg.distill_weight * kl_to_teacher(p_clean, t_clean)
-            target = soft_targets(t_trig, dark_px, key.targets.dark, key.targets.floor)
+            target = trigger_targets(dark_px, model.num_classes, key.targets.dark, key.targets.floor)
             weight = 1.0 + (cfg.dark_weight - 1.0) * dark_px.float() if cfg.dark_weight != 1.0 else None
             loss_trig = soft_cross_entropy(p_trig, target, weight)
             loss = loss_clean + cfg.trigger_weight * loss_trig
