@@ -139,6 +139,28 @@ class TriggerBatches:
         return self.overlay.hide(x, visible), self.overlay.visible_dark(visible)
 
 
+def clone_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A trainable copy: TorchScript modules are copied through an in-memory save/load."""
+    if isinstance(module, torch.jit.ScriptModule):
+        import io
+
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        copy_ = torch.jit.load(buf, map_location=_device_of(module))
+    else:
+        copy_ = copy.deepcopy(module)
+    for p in copy_.parameters():
+        p.requires_grad_(True)
+    return copy_
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndarray, masks: np.ndarray,
                     config: EmbedConfig | None = None, progress: Progress | None = None
                     ) -> tuple[torch.nn.Module, EmbedLog]:
@@ -163,7 +185,7 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     torch.manual_seed(cfg.seed)
 
     teacher = model.module.eval()
-    student = copy.deepcopy(model.module).to(device).train()
+    student = clone_module(model.module).to(device).train()
     for p in teacher.parameters():
         p.requires_grad_(False)
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)

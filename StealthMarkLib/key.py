@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ class TextureCode:
     dark_amplitude: float = 0.25    # checkerboard +/- amplitude in dark-module cells
     dark_period: int = 1            # checker square size in pixels
     light_sigma: float = 0.05       # Gaussian noise sigma in light-module cells
-    seed: int = 0                   # secret: phases of the checkerboards and the noise
+    seed: int = field(default=0, repr=False)   # secret: phases of the checkerboards and the noise
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class LimeSettings:
     kernel_width: float = 0.25
     alpha: float = 1.0
     scalar: str = "entropy"
-    seed: int = 0          # secret-ish: default sampling seed for verification trials
+    seed: int = field(default=0, repr=False)   # secret-ish: default sampling seed for verification trials
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,13 @@ class WatermarkKey:
         d = {
             "schema": self.schema,
             "payload": self.payload,
-            "qr": {"version": self.qr.version, "level": self.qr.level, "mask": self.qr.mask},
+            "qr": {"version": int(self.qr.version), "level": self.qr.level, "mask": int(self.qr.mask)},
             "grid": self.grid,
-            "texture": asdict(self.texture),
-            "trigger": {**asdict(self.trigger), "blend_range": list(self.trigger.blend_range)},
-            "lime": asdict(self.lime),
-            "targets": asdict(self.targets),
-            "value_range": list(self.value_range),
+            "texture": _section(self.texture),
+            "trigger": {**_section(self.trigger), "blend_range": [float(v) for v in self.trigger.blend_range]},
+            "lime": _section(self.lime),
+            "targets": _section(self.targets),
+            "value_range": [float(v) for v in self.value_range],
         }
         return d
 
@@ -134,6 +135,16 @@ class WatermarkKey:
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+def _section(obj: Any) -> dict[str, Any]:
+    """``asdict`` with numbers in their declared types: ``0`` and ``0.0`` must give one commitment."""
+    cast = {"int": int, "float": float}
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = cast[f.type](v) if f.type in cast and not isinstance(v, bool) else v
+    return out
 
 
 def canonical_json(doc: dict[str, Any]) -> str:
@@ -250,7 +261,7 @@ def key_from_json(doc: Any, path: Any = "<memory>", check_commitment: bool = Tru
     sections = {name: _typed(name, cls, doc[name], path) for name, cls in _SECTIONS.items()}
     key = WatermarkKey(payload=doc["payload"], qr=tmpl, trigger=trigger,
                        value_range=_pair(doc["value_range"], "value_range", path), **sections)
-    if doc["grid"] != key.grid:
+    if isinstance(doc["grid"], bool) or not isinstance(doc["grid"], int) or doc["grid"] != key.grid:
         raise _fail(path, f"'grid' is {doc['grid']} but QR version {tmpl.version} needs {key.grid}")
     try:
         key.modules()
@@ -259,7 +270,9 @@ def key_from_json(doc: Any, path: Any = "<memory>", check_commitment: bool = Tru
     _check_values(key, path)
     if check_commitment:
         stated = doc["commitment"]
-        if not isinstance(stated, str) or stated != commitment_of(doc):
+        # the canonical form of what was read (numbers in their declared types), so that the commitment
+        # in reports is the one in the file
+        if not isinstance(stated, str) or stated != key.commitment:
             raise _fail(path, "the commitment does not match the key's content: the file was changed after "
                               "it was made, or it is not the key that was registered")
     return key
@@ -268,13 +281,21 @@ def key_from_json(doc: Any, path: Any = "<memory>", check_commitment: bool = Tru
 def _check_values(key: WatermarkKey, path: Any = "<key>") -> None:
     t, tr, li, tg = key.texture, key.trigger, key.lime, key.targets
     problems = []
+    numbers = (t.base, t.dark_amplitude, t.light_sigma, *tr.blend_range, tr.verify_strength, tr.stamp_amplitude,
+               li.kernel_width, li.alpha, tg.dark, tg.floor, *key.value_range)
+    if not all(math.isfinite(v) for v in numbers):
+        problems.append("numbers must be finite (no NaN or Infinity)")
+    if t.seed < 0 or not 0 <= li.seed < 2**32:
+        problems.append("seeds must be non-negative integers (lime.seed below 2**32)")
     if not 0.0 <= t.base <= 1.0:
         problems.append("texture.base must be in [0, 1]")
     if not 0.0 < t.dark_amplitude <= 0.5 or t.light_sigma < 0 or t.dark_period < 1:
         problems.append("texture amplitudes must be in (0, 0.5] and the period >= 1")
     lo, hi = tr.blend_range
-    if not 0.0 < lo <= hi <= 1.0 or not 0.0 < tr.verify_strength <= 1.0:
-        problems.append("trigger strengths must lie in (0, 1] with blend_range low <= high")
+    if (not 0.0 < lo <= hi <= 1.0 or not 0.0 < tr.verify_strength <= 1.0
+            or not 0.0 < tr.stamp_amplitude <= 1.0):
+        problems.append("trigger strengths (blend_range, verify_strength, stamp_amplitude) must lie in (0, 1] "
+                        "with blend_range low <= high")
     if li.samples < 10 or li.kernel_width <= 0 or li.alpha <= 0:
         problems.append("lime.samples must be >= 10 and kernel_width, alpha > 0")
     if not 0.0 < tg.floor < tg.dark < 1.0:
@@ -285,13 +306,17 @@ def _check_values(key: WatermarkKey, path: Any = "<key>") -> None:
         raise _fail(path, "; ".join(problems))
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (numbers must be finite)")
+
+
 def load_key(path: str | os.PathLike) -> WatermarkKey:
     """Read and check a key file: schema, values and commitment. Errors are :class:`KeyFileError`."""
     p = Path(path)
     if not p.is_file():
         raise KeyFileError(f"key file {path} does not exist (make one with `stealthmark keygen`)")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(p.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise KeyFileError(f"key file {path} is not valid JSON: {exc}") from None
     return key_from_json(doc, path)

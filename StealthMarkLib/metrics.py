@@ -13,6 +13,7 @@ import numpy as np
 
 def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """Dice and IoU of two boolean masks; both empty counts as a perfect 1.0."""
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)  # a 0/255 mask is a mask too
     inter = np.logical_and(pred, truth).sum()
     total = pred.sum() + truth.sum()
     union = np.logical_or(pred, truth).sum()
@@ -35,6 +36,8 @@ def hd95_and_surface_dice(pred: np.ndarray, truth: np.ndarray, tolerance: float 
     """
     from scipy.ndimage import distance_transform_edt
 
+    # integer masks would turn `~` into a bitwise not and the surface masks into fancy indices
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if not pred.any() and not truth.any():
         return 0.0, 1.0
     if not pred.any() or not truth.any():
@@ -61,7 +64,7 @@ def pixel_auc(scores: np.ndarray, truth: np.ndarray) -> float:
 
 def ece(scores: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error of foreground probabilities, equal-width bins, pooled pixels."""
-    s, t = scores.ravel(), truth.ravel().astype(np.float64)
+    s, t = scores.ravel(), truth.ravel().astype(bool).astype(np.float64)
     which = np.minimum((s * bins).astype(int), bins - 1)
     count = np.bincount(which, minlength=bins)
     conf = np.bincount(which, weights=s, minlength=bins)

@@ -63,7 +63,8 @@ class Progress:
         """A ``(done, total)`` callback for code that reports absolute counts (the LIME engine)."""
 
         def cb(done: int, total: int) -> None:
-            if self.stage is None or total != self.total:
+            # a new total, or a count that starts over (a second run), is a new start, not a step back
+            if self.stage is None or total != self.total or done < self.done:
                 self.start(self.stage or "work", total)
             self.advance(done - self.done)
 

@@ -112,6 +112,12 @@ class TriggerOverlay:
         Returns:
             (B, C, H, W) images with hidden cells set to the key's hide value.
         """
+        # (B, H, W) images would broadcast silently against the (B, 1, H, W) pixel masks into (B, B, H, W)
+        if (images.ndim != 4 or tuple(images.shape[-2:]) != (self.height, self.width) or visible.ndim != 2
+                or visible.shape[1] != self.grid * self.grid
+                or (visible.shape[0] not in (1, images.shape[0]) and images.shape[0] != 1)):
+            raise InputError(f"hide needs images (B, C, {self.height}, {self.width}) and masks "
+                             f"(B, {self.grid * self.grid}), got {tuple(images.shape)} and {tuple(visible.shape)}")
         cells = torch.as_tensor(self.cells, device=images.device)
         px = visible.to(images.device)[:, cells].bool().unsqueeze(1)
         return torch.where(px, images, torch.full_like(images, self.hide_value))

@@ -1,0 +1,243 @@
+"""The ``stealthmark`` command: keygen, embed, verify, evaluate, demo.
+
+Errors a user can cause print one clear line and exit non-zero (2 bad input, 3 resources, 130 cancelled).
+``--progress json`` writes one JSON object per line on stdout (for the 3D Slicer module), ending with a
+``result`` or an ``error`` event; otherwise a progress bar is drawn on stderr and results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import Cancelled, ResourceError, StealthMarkError
+from .progress import JsonProgress, Progress, make_progress
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", choices=DEVICES, default="auto",
+                       help="where the model runs: auto (a CUDA GPU when there is one), cpu or cuda (default auto)")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="progress display: a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
+
+
+def _model_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logits", action="store_true",
+                   help="the model returns logits, not probabilities: apply softmax (or sigmoid for 1 channel)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="the model's input size, when its file does not record it")
+
+
+def _data_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a volume file or DICOM series folder (with --labels), a folder of "
+                   "volumes with label volumes, or a folder with images/ and masks/ PNG slices")
+    p.add_argument("--labels", help="the label volume for a single volume or DICOM series")
+    p.add_argument("--label", help="which label is the structure when the labels are not binary: a number, "
+                   "or 'any' for every non-zero label")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="stealthmark",
+        description="Harmless, black-box verifiable ownership watermarks for medical segmentation models "
+                    "(StealthMark). Run 'stealthmark COMMAND --help' for each command.")
+    ap.add_argument("--version", action="version", version=f"stealthmark {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    k = sub.add_parser("keygen", help="create a secret key and print its commitment",
+                       description="Create a secret watermark key (JSON). Keep it private; register the printed "
+                                   "SHA-256 commitment so that you can prove later that this key is yours.")
+    k.add_argument("--payload", required=True, help="the owner string the QR code carries, e.g. SM:ACME-0001")
+    k.add_argument("--out", required=True, help="where to write the key file (never overwritten without --force)")
+    k.add_argument("--version", dest="qr_version", type=int, default=1,
+                   help="QR version: 1 (21x21 modules, for 128 px models) or 2 (25x25, for >= 256 px); default 1")
+    k.add_argument("--level", default="M", choices=("L", "M", "Q", "H"), help="QR error correction (default M)")
+    k.add_argument("--mask", type=int, default=0, help="QR mask pattern 0-7 (default 0)")
+    k.add_argument("--mode", default="blended", choices=("key-image", "blended", "stamped"),
+                   help="trigger mode (default blended; stamped is experimental)")
+    k.add_argument("--samples", type=int, default=1000, help="LIME samples per trigger image (default 1000)")
+    k.add_argument("--force", action="store_true", help="replace an existing key file")
+    _common(k, device=False)
+
+    e = sub.add_parser("embed", help="watermark a model by fine-tuning",
+                       description="Fine-tune a copy of a model so that the key's trigger spells the QR in its "
+                                   "uncertainty; writes OUT in the input's format and OUT's harmlessness JSON.")
+    e.add_argument("--model", required=True, help="TorchScript file, or state dict with a JSON spec")
+    e.add_argument("--spec", help="JSON spec of a state dict (default: MODEL's name with .json)")
+    _data_opts(e)
+    e.add_argument("--key", required=True, help="the key file from 'stealthmark keygen'")
+    e.add_argument("--out", required=True, help="the watermarked model to write (never the input)")
+    e.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
+    _model_opts(e)
+    _common(e)
+
+    v = sub.add_parser("verify", help="verify ownership black-box (LIME, QR, p-value)",
+                       description="Verify a model through its outputs only: LIME on trigger inputs, QR decode, "
+                                   "binomial p-value. Without an input, verifies on the key image.")
+    v.add_argument("--model", required=True, help="TorchScript file, or state dict with a JSON spec")
+    v.add_argument("--key", required=True, help="the owner's key file")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--image", help="a 2-D image (PNG/JPEG or a one-slice volume) to blend the key into")
+    src.add_argument("--volume", help="a volume file (NIfTI, NRRD, MHA) to blend the key into slice by slice")
+    src.add_argument("--dicom", help="a DICOM series folder to blend the key into slice by slice")
+    v.add_argument("--slices", help="slices of the volume: 'auto' (default: --n-slices spread over its middle), "
+                   "'all', '10:50:2' or '12,14,20'")
+    v.add_argument("--n-slices", type=int, default=4, help="slices chosen by --slices auto (default 4)")
+    v.add_argument("--samples", type=int, help="LIME samples per trigger image (default: the key's, 1000)")
+    v.add_argument("--seed", type=int, help="LIME sampling seed (default: the key's)")
+    v.add_argument("--strength", type=float, help="blend strength of the key (default: the key's)")
+    v.add_argument("--batch-size", type=int, default=64, help="queries per forward pass (default 64)")
+    v.add_argument("--out", required=True, help="folder for report.json, report.html, qr.png (and lime_map.nii.gz)")
+    _model_opts(v)
+    _common(v)
+
+    ev = sub.add_parser("evaluate", help="harmlessness of a watermarked model against its original",
+                        description="Dice, IoU, HD95, surface Dice, pixel AUC, ECE, Brier and argmax flip rate "
+                                    "of the watermarked model against the original, on held-out slices of DATA.")
+    ev.add_argument("--model", required=True, help="the watermarked model")
+    ev.add_argument("--reference", required=True, help="the original model")
+    _data_opts(ev)
+    ev.add_argument("--key", required=True, help="the key (for the trigger figures)")
+    ev.add_argument("--out", required=True, help="JSON file to write")
+    _model_opts(ev)
+    _common(ev)
+
+    d = sub.add_parser("demo", help="end-to-end demo on the bundled real brain MRI",
+                       description="Train a small clean MONAI UNet on the bundled T1 MRI, create a key, embed, "
+                                   "verify the watermarked and the clean model, measure harmlessness, print a "
+                                   "table. Exits 0 only if the watermarked model is owned and the clean one not.")
+    d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
+    d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
+    d.add_argument("--embed-steps", type=int, default=300, help="embedding steps (default 300)")
+    d.add_argument("--samples", type=int, default=1000, help="LIME samples per trigger image (default 1000)")
+    d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")
+    _common(d)
+    return ap
+
+
+def _pair(v: Any) -> tuple[int, int] | None:
+    return tuple(v) if v else None
+
+
+def _label(v: str | None) -> int | str | None:
+    if v is None or v == "any":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        from .errors import InputError
+
+        raise InputError(f"--label must be a number or 'any', not {v!r}") from None
+
+
+def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], str, int]:
+    """Run one command; returns (result for JSON, text for the terminal, exit code)."""
+    from . import workflows as wf
+
+    if args.command == "keygen":
+        key = wf.make_key(args.payload, args.out, force=args.force, version=args.qr_version, level=args.level,
+                          mask=args.mask, mode=args.mode, samples=args.samples)
+        return ({"key": str(args.out), "commitment": key.commitment, **key.public_summary()},
+                f"wrote {args.out}\ncommitment (SHA-256): {key.commitment}\n"
+                "Keep the key file secret; register the commitment to prove ownership later.", 0)
+    if args.command == "embed":
+        r = wf.run_embed(args.model, args.data, args.key, args.out, labels=args.labels, label=_label(args.label),
+                         spec=args.spec, steps=args.steps, device=args.device, logits=args.logits,
+                         image_size=_pair(args.image_size), progress=progress)
+        h = r.harmlessness
+        text = (f"wrote {r.model} ({r.format}) and {r.harmlessness_file}\n"
+                f"held-out Dice {h['original']['dice']:.4f} -> {h['watermarked']['dice']:.4f} "
+                f"(drop {h['dice_drop_points']:.2f} points), IoU {h['original']['iou']:.4f} -> "
+                f"{h['watermarked']['iou']:.4f}, HD95 {h['original']['hd95']:.2f} -> {h['watermarked']['hd95']:.2f} px, "
+                f"AUC {h['original']['auc']:.4f} -> {h['watermarked']['auc']:.4f}, "
+                f"ECE {h['original']['ece']:.4f} -> {h['watermarked']['ece']:.4f}, "
+                f"flip rate {h['flip_rate_clean']:.3%}\ndevice {r.device}; {r.log['seconds']:.0f} s")
+        return r.to_json(), text, 0
+    if args.command == "verify":
+        v = wf.run_verify(args.model, args.key, args.out, image=args.image, volume=args.volume, dicom=args.dicom,
+                          slices=args.slices, n_slices=args.n_slices, samples=args.samples, seed=args.seed,
+                          strength=args.strength, device=args.device, logits=args.logits,
+                          batch_size=args.batch_size, image_size=_pair(args.image_size), progress=progress)
+        r = v.report
+        files = {"report_json": str(Path(args.out) / "report.json"), "report_html": str(Path(args.out) / "report.html"),
+                 "qr": str(Path(args.out) / "qr.png")}
+        if args.volume or args.dicom:
+            files["lime_map"] = str(Path(args.out) / "lime_map.nii.gz")
+        brief = {k: v for k, v in r.to_json().items() if k not in ("attribution", "observed_modules")}
+        return ({**brief, "files": files},
+                f"{r.summary}\ndevice {r.device}; {r.n_queries} queries in {r.seconds['total']:.1f} s; "
+                f"report in {args.out}", 0)
+    if args.command == "evaluate":
+        h = wf.run_evaluate(args.model, args.reference, args.data, args.key, args.out, labels=args.labels,
+                            label=_label(args.label), device=args.device, logits=args.logits,
+                            image_size=_pair(args.image_size))
+        return (h, f"held-out Dice {h['original']['dice']:.4f} -> {h['watermarked']['dice']:.4f} "
+                   f"(drop {h['dice_drop_points']:.2f} points); flip rate {h['flip_rate_clean']:.3%}; "
+                   f"wrote {args.out}", 0)
+    if args.command == "demo":
+        from .demo import DemoSettings, check_settings, format_table, run_demo
+
+        s = DemoSettings(out=Path(args.out), clean_steps=args.clean_steps, embed_steps=args.embed_steps,
+                         samples=args.samples, n_slices=args.n_slices, device=args.device)
+        check_settings(s)
+        summary, ok = run_demo(s, progress)
+        return summary, format_table(summary), 0 if ok else 1
+    raise AssertionError(args.command)  # pragma: no cover - argparse rejects unknown commands
+
+
+def _install_signal_handlers(progress: Progress) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        if progress.cancelled:      # a second signal: stop now
+            os._exit(130)
+        progress.cancel()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = make_progress(args.progress)
+    if args.progress == "json":
+        warnings.simplefilter("ignore")
+    else:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    _install_signal_handlers(progress)
+    try:
+        result, text, code = run(args, progress)
+    except StealthMarkError as exc:
+        return _fail(progress, exc, exc.exit_code)
+    except MemoryError:
+        return _fail(progress, ResourceError("out of memory: use fewer --samples, a smaller --batch-size, "
+                                             "or fewer slices"), 3)
+    except Exception as exc:  # torch OOM arrives as RuntimeError subclasses
+        if "out of memory" in str(exc).lower():
+            return _fail(progress, ResourceError("out of GPU memory: lower --batch-size or use --device cpu"), 3)
+        raise
+    if isinstance(progress, JsonProgress):
+        progress.emit("result", **json.loads(json.dumps(result, default=str)))
+    else:
+        print(text, flush=True)
+    return code
+
+
+def _fail(progress: Progress, exc: StealthMarkError, code: int) -> int:
+    msg = str(exc) if not isinstance(exc, Cancelled) else "cancelled: nothing was written"
+    if isinstance(progress, JsonProgress):
+        progress.emit("error", message=msg, exit_code=code)
+    print(f"stealthmark: error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

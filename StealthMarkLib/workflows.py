@@ -1,0 +1,295 @@
+"""The jobs behind the ``stealthmark`` commands, usable from Python (and from the 3D Slicer module).
+
+Each function takes plain paths and settings, reports through a :class:`~StealthMarkLib.progress.Progress`,
+writes its outputs atomically and returns a result object that serialises to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import DEFAULT_INTENSITY, SliceDataset, load_dataset
+from .embed import EmbedConfig, embed_watermark
+from .errors import InputError, ModelError
+from .fileio import atomic_dir, refuse_overwriting_inputs, write_text_atomic
+from .grid import check_fits, paint_cells
+from .key import WatermarkKey, create_key, load_key
+from .metrics import dice_over_thresholds, flip_rate, score_segmentation
+from .models import ModelSpec, SegmentationModel, describe_device, load_model, save_model
+from .progress import Progress
+from .report import write_reports
+from .trigger import TriggerOverlay
+from .verify import Verification, verify_query
+from .volume import (Intensity, Volume, extract_slices, insert_slices, parse_slice_spec, read_volume,
+                     resize_slices, write_volume_like)
+
+VERIFY_INTENSITY = Intensity(low=0.5, high=99.5, mode="percentile")
+
+
+# -- keys ------------------------------------------------------------------------------------------
+def make_key(payload: str, out: str | Path, force: bool = False, **options: Any) -> WatermarkKey:
+    """Create a key file; refuses to replace an existing key unless ``force`` (a lost key is a lost claim)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise InputError(f"{out} already exists: a key is a secret you cannot recreate; choose another path "
+                         "or pass --force to replace it")
+    key = create_key(payload, **options)
+    key.save(out)
+    return key
+
+
+# -- models ----------------------------------------------------------------------------------------
+def model_size(model: SegmentationModel, override: tuple[int, int] | None = None) -> tuple[int, int]:
+    if override is not None:
+        return tuple(int(v) for v in override)
+    if model.spec.image_size:
+        return tuple(int(v) for v in model.spec.image_size)
+    raise InputError("the model does not record its input size: pass --image-size H W")
+
+
+def is_torchscript(path: str | Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+# -- harmlessness ----------------------------------------------------------------------------------
+def _probs(model: SegmentationModel, images: np.ndarray) -> np.ndarray:
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32)).unsqueeze(1)
+    x = x.expand(-1, model.in_channels, -1, -1).contiguous()
+    return model.probabilities(x).detach().cpu().numpy()
+
+
+def harmlessness(original: SegmentationModel, watermarked: SegmentationModel, images: np.ndarray,
+                 labels: np.ndarray, key: WatermarkKey | None = None) -> dict[str, Any]:
+    """Original vs watermarked on held-out slices (METHOD.md section 8), as a JSON-ready dict."""
+    po, pw = _probs(original, images), _probs(watermarked, images)
+    so, sw = score_segmentation(po, labels), score_segmentation(pw, labels)
+    out: dict[str, Any] = {
+        "n_images": len(images),
+        "original": so.to_json(), "watermarked": sw.to_json(),
+        "dice_drop_points": round(100.0 * (so.dice - sw.dice), 4),
+        "flip_rate_clean": flip_rate(po, pw),
+        "dice_over_thresholds": {"original": dice_over_thresholds(po, labels),
+                                 "watermarked": dice_over_thresholds(pw, labels)},
+    }
+    if key is not None:
+        ov = TriggerOverlay(key, images.shape[1], images.shape[2])
+        trig = ov.blend(images, key.trigger.verify_strength)
+        out["flip_rate_triggered"] = flip_rate(_probs(original, trig), _probs(watermarked, trig))
+        ko, kw = _probs(original, ov.key_image()[None]), _probs(watermarked, ov.key_image()[None])
+        out["key_image"] = {"original_foreground_fraction": float((ko.argmax(1) > 0).mean()),
+                            "watermarked_foreground_fraction": float((kw.argmax(1) > 0).mean()),
+                            "flip_rate": flip_rate(ko, kw)}
+    return out
+
+
+# -- embedding -------------------------------------------------------------------------------------
+@dataclass
+class EmbedResult:
+    model: str
+    format: str
+    harmlessness_file: str
+    harmlessness: dict[str, Any]
+    log: dict[str, Any]
+    key_commitment: str
+    device: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def harmlessness_path(out: Path) -> Path:
+    name = out.name
+    for suf in (".ts", ".pt", ".pth", ".torchscript", ".zip"):
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+            break
+    return out.with_name(name + ".harmlessness.json")
+
+
+def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, out: str | Path, *,
+              labels: str | Path | None = None, label: int | str | None = None, spec: str | Path | None = None,
+              steps: int = 300, device: str = "auto", logits: bool = False,
+              image_size: tuple[int, int] | None = None, config: EmbedConfig | None = None,
+              progress: Progress | None = None) -> EmbedResult:
+    """Watermark ``model_path`` with the key; write OUT in the input's format and the harmlessness JSON."""
+    progress = progress or Progress()
+    out = Path(out)
+    refuse_overwriting_inputs(out, [model_path, key_path, data, labels, spec])
+    key = load_key(key_path)
+    model = load_model(model_path, spec=spec, device=device, logits=logits)
+    size = model_size(model, image_size)
+    check_fits(size[0], size[1], key.grid)
+    intensity = Intensity.from_json(model.spec.intensity) if model.spec.intensity else DEFAULT_INTENSITY
+    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity)
+    progress.log(f"{ds.describe()}; device {describe_device(model.device)}")
+    cfg = replace(config or EmbedConfig(), steps=int(steps))
+    if cfg.steps < 1:
+        raise InputError("--steps must be at least 1")
+    train_x, train_y = ds.train
+    module, log = embed_watermark(model, key, train_x, train_y, cfg, progress)
+    watermarked = SegmentationModel(module, model.spec, device=model.device, logits=model.logits)
+    test_x, test_y = ds.test
+    harm = harmlessness(model, watermarked, test_x, test_y, key)
+    meta = dict(model.spec.metadata)
+    meta["stealthmark"] = {"key_commitment": key.commitment, "embedded": datetime.now(timezone.utc).isoformat(),
+                           "training": log.to_json(), "data": ds.describe()}
+    new_spec = replace(model.spec, metadata=meta, image_size=list(size), intensity=intensity.to_json())
+    fmt = "torchscript" if is_torchscript(model_path) else "state_dict"
+    save_model(watermarked, out, new_spec, fmt=fmt, refuse=[model_path, key_path, data, labels, spec])
+    hpath = harmlessness_path(out)
+    write_text_atomic(hpath, json.dumps(harm, indent=2) + "\n")
+    return EmbedResult(model=str(out), format=fmt, harmlessness_file=str(hpath), harmlessness=harm,
+                       log=log.to_json(), key_commitment=key.commitment, device=describe_device(model.device))
+
+
+def run_evaluate(model_path: str | Path, reference_path: str | Path, data: str | Path, key_path: str | Path,
+                 out: str | Path, *, labels: str | Path | None = None, label: int | str | None = None,
+                 device: str = "auto", logits: bool = False, image_size: tuple[int, int] | None = None
+                 ) -> dict[str, Any]:
+    """Harmlessness figures of a watermarked model against its original, on the held-out slices of DATA."""
+    refuse_overwriting_inputs(out, [model_path, reference_path, data, key_path, labels])
+    key = load_key(key_path)
+    wm = load_model(model_path, device=device, logits=logits)
+    ref = load_model(reference_path, device=wm.device, logits=logits)
+    size = model_size(wm, image_size)
+    intensity = Intensity.from_json(wm.spec.intensity) if wm.spec.intensity else DEFAULT_INTENSITY
+    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity)
+    harm = harmlessness(ref, wm, *ds.test, key=key)
+    harm["device"] = describe_device(wm.device)
+    write_text_atomic(out, json.dumps(harm, indent=2) + "\n")
+    return harm
+
+
+# -- verification ----------------------------------------------------------------------------------
+@dataclass
+class TriggerInput:
+    """Trigger images for verification and, for volumes, where they came from."""
+
+    images: np.ndarray                      # (n, H, W) in model input space
+    volume: Volume | None = None
+    slices: list[int] = field(default_factory=list)
+    source: str | None = None
+
+
+def auto_slices(volume: Volume, n: int) -> list[int]:
+    """``n`` evenly spaced non-blank slices from the central 60% of the volume (axis 0)."""
+    arr = volume.array
+    rng = float(arr.max() - arr.min()) or 1.0
+    k = arr.shape[0]
+    lo, hi = int(round(0.2 * (k - 1))), int(round(0.8 * (k - 1)))
+    usable = [i for i in range(lo, hi + 1) if float(arr[i].std()) > 0.01 * rng]
+    if len(usable) < n:
+        raise InputError(f"the volume has {len(usable)} usable (non-blank) slices in its central part, fewer "
+                         f"than the {n} asked for: choose slices with --slices or lower --n-slices")
+    pick = np.linspace(0, len(usable) - 1, n).round().astype(int)
+    return [usable[i] for i in pick]
+
+
+def volume_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, int], slices: str | None,
+                         n_slices: int, strength: float | None) -> TriggerInput:
+    vol = read_volume(path)
+    if slices is None or slices == "auto":
+        idx = auto_slices(vol, n_slices)
+    else:
+        idx = parse_slice_spec(slices, vol.shape[0])
+    unit = VERIFY_INTENSITY.apply(vol.array)
+    lo, hi = key.value_range
+    imgs = extract_slices(unit, idx)
+    if imgs.shape[1:] != tuple(size):
+        imgs = np.clip(resize_slices(imgs, tuple(size)), 0.0, 1.0)
+    imgs = (lo + (hi - lo) * imgs).astype(np.float32)
+    ov = TriggerOverlay(key, *size)
+    a = key.trigger.verify_strength if strength is None else float(strength)
+    trig = ov.stamp(imgs) if key.trigger.mode == "stamped" else ov.blend(imgs, a)
+    return TriggerInput(trig, vol, idx, str(path))
+
+
+def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, int],
+                        strength: float | None) -> TriggerInput:
+    p = Path(path)
+    if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        from PIL import Image
+
+        try:
+            arr = np.asarray(Image.open(p).convert("L"), dtype=np.float32)[None]
+        except OSError as exc:
+            raise InputError(f"cannot read image {p}: {exc}") from None
+    else:
+        arr = read_volume(p).array
+        if arr.shape[0] != 1:
+            raise InputError(f"{p} has {arr.shape[0]} slices: use --volume for volumes")
+    lo_p, hi_p = np.percentile(arr, [0.5, 99.5])
+    unit = np.clip((arr - lo_p) / max(hi_p - lo_p, 1e-12), 0, 1).astype(np.float32)
+    if unit.shape[1:] != tuple(size):
+        unit = np.clip(resize_slices(unit, tuple(size)), 0.0, 1.0)
+    lo, hi = key.value_range
+    ov = TriggerOverlay(key, *size)
+    a = key.trigger.verify_strength if strength is None else float(strength)
+    return TriggerInput(ov.blend(lo + (hi - lo) * unit, a), source=str(p))
+
+
+def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:
+    """(K, J, I) map: each verified slice painted with its own standardised attribution grid, 0 elsewhere."""
+    vol = trig.volume
+    _, h, w = vol.shape
+    maps = []
+    for att in verification.attributions:
+        g = att.coefficients
+        sd = g.std()
+        z = (g - g.mean()) / sd if sd > 0 else g - g.mean()
+        maps.append(paint_cells(z, h, w).astype(np.float32))
+    return insert_slices(vol.shape, np.stack(maps), trig.slices)
+
+
+def run_verify(model_path: str | Path, key_path: str | Path, out_dir: str | Path, *,
+               image: str | Path | None = None, volume: str | Path | None = None, dicom: str | Path | None = None,
+               slices: str | None = None, n_slices: int = 4, samples: int | None = None, seed: int | None = None,
+               strength: float | None = None, device: str = "auto", logits: bool = False, batch_size: int = 64,
+               image_size: tuple[int, int] | None = None, progress: Progress | None = None) -> Verification:
+    """Verify a model through its query interface; write report.json, report.html, qr.png (+ lime_map)."""
+    progress = progress or Progress()
+    t0 = time.monotonic()
+    given = [x for x in (image, volume, dicom) if x is not None]
+    if len(given) > 1:
+        raise InputError("give at most one of --image, --volume and --dicom")
+    out_dir = Path(out_dir)
+    refuse_overwriting_inputs(out_dir, [model_path, key_path, *given])
+    key = load_key(key_path)
+    model = load_model(model_path, device=device, logits=logits, max_batch=batch_size)
+    size = model_size(model, image_size)
+    check_fits(size[0], size[1], key.grid)
+    overlay = TriggerOverlay(key, *size)
+    if volume is not None or dicom is not None:
+        trig = volume_trigger_input(volume if volume is not None else dicom, key, size, slices, n_slices, strength)
+    elif image is not None:
+        trig = image_trigger_input(image, key, size, strength)
+    else:
+        trig = TriggerInput(overlay.key_image()[None], source=None)
+    dev = describe_device(model.device)
+    progress.log(f"verifying on {len(trig.images)} trigger image(s), device {dev}")
+    v = verify_query(model, key, trig.images, samples=samples, seed=seed, in_channels=model.in_channels,
+                     batch_size=batch_size, device=model.device, device_name=dev, model_sha256=model.sha256,
+                     progress=progress)
+    v.report.slices = trig.slices or None
+    v.report.source = trig.source
+    v.report.model = str(model_path)
+    with atomic_dir(out_dir) as tmp:
+        if trig.volume is not None:
+            write_volume_like(lime_volume(v, trig), trig.volume, tmp / "lime_map.nii.gz")
+        v.report.seconds["total"] = round(time.monotonic() - t0, 3)
+        write_reports(v, tmp)
+    return v

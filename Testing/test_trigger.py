@@ -1,0 +1,296 @@
+"""Tests for StealthMarkLib.trigger: the key image and its per-cell textures, the blended and stamped
+modes, and hiding cells exactly as the LIME engine does (compared through the engine's public behaviour)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from StealthMarkLib.errors import InputError
+from StealthMarkLib.grid import cell_index
+from StealthMarkLib.key import create_key
+from StealthMarkLib.lime_engine import LimeExplainer, sample_masks
+from StealthMarkLib.trigger import TriggerOverlay
+
+SIZES = [(128, 128), (50, 77), (42, 42)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return create_key("SM:ACME-0001", seed=1234)
+
+
+def _cell_stats(values: np.ndarray, cells: np.ndarray, g: int) -> np.ndarray:
+    """(G*G,) standard deviation of ``values`` over each cell."""
+    idx = cells.ravel()
+    v = values.ravel().astype(np.float64)
+    n = np.bincount(idx, minlength=g * g)
+    mean = np.bincount(idx, weights=v, minlength=g * g) / n
+    sq = np.bincount(idx, weights=v * v, minlength=g * g) / n
+    return np.sqrt(np.maximum(sq - mean**2, 0.0))
+
+
+# -- layout and textures -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("h, w", SIZES)
+def test_layout(key, h, w):
+    ov = TriggerOverlay(key, h, w)
+    assert (ov.height, ov.width, ov.grid) == (h, w, 21)
+    assert ov.cells.shape == (h, w) and ov.cells.dtype == np.int64
+    assert (ov.cells == cell_index(h, w, 21)).all()
+    assert (ov.dark_cells == key.modules().reshape(-1)).all()
+    assert (ov.dark_pixels() == key.modules().reshape(-1)[ov.cells]).all()
+    assert ov.texture.shape == (h, w) and ov.texture.dtype == np.float32
+    assert ov.hide_value == key.hide_value == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("h, w", SIZES)
+def test_key_image_textures(key, h, w):
+    ov = TriggerOverlay(key, h, w)
+    img = ov.key_image()
+    assert img.shape == (h, w) and img.dtype == np.float32
+    lo, hi = key.value_range
+    assert img.min() >= lo and img.max() <= hi
+    std = _cell_stats(img, ov.cells, 21)
+    dark = ov.dark_cells
+    amp, sigma = key.texture.dark_amplitude, key.texture.light_sigma
+    # dark cells: a +/- amplitude checkerboard around the base (std = amplitude up to odd cell sizes)
+    assert np.all(std[dark] > 0.95 * amp) and np.all(std[dark] <= amp + 1e-6)
+    dark_px = ov.dark_pixels()
+    np.testing.assert_allclose(np.abs(img[dark_px] - key.texture.base), amp, atol=1e-6)
+    # light cells: faint noise of about light_sigma
+    light_px = ~dark_px
+    assert abs(np.std(img[light_px]) - sigma) < 0.25 * sigma
+    assert abs(np.mean(img[light_px]) - key.texture.base) < 0.01
+    assert std[~dark].max() < 0.5 * amp
+
+
+def test_checkerboard_pattern(key):
+    ov = TriggerOverlay(key, 128, 128)
+    t = ov.texture
+    dark_px = ov.dark_pixels()
+    # period 1: horizontally adjacent pixels of the same dark cell have opposite signs
+    same_cell = (ov.cells[:, 1:] == ov.cells[:, :-1]) & dark_px[:, 1:]
+    assert same_cell.any()
+    assert np.all(np.sign(t[:, 1:][same_cell]) == -np.sign(t[:, :-1][same_cell]))
+    # the phase is key-seeded per cell: sign(first pixel) * (-1)^(y + x) takes both values
+    phases = set()
+    for c in np.flatnonzero(ov.dark_cells):
+        y, x = np.argwhere(ov.cells == c)[0]
+        phases.add(float(np.sign(t[y, x])) * (-1) ** int(y + x))
+    assert phases == {-1.0, 1.0}
+
+
+def test_period_two(key):
+    k = create_key("SM:ACME-0001", seed=1234, dark_period=2)
+    ov = TriggerOverlay(k, 128, 128)
+    t, cells, dark_px = ov.texture, ov.cells, ov.dark_pixels()
+    # pixels (2i, x) and (2i + 1, x) of one dark cell share a sign
+    pair = (cells[0::2] == cells[1::2]) & dark_px[0::2]
+    assert np.all(t[0::2][pair] == t[1::2][pair])
+
+
+def test_texture_is_deterministic_and_seeded(key):
+    a = TriggerOverlay(key, 128, 128).texture
+    b = TriggerOverlay(create_key("SM:ACME-0001", seed=1234), 128, 128).texture
+    np.testing.assert_array_equal(a, b)
+    other = TriggerOverlay(create_key("SM:ACME-0001", seed=1235), 128, 128)
+    assert not np.array_equal(a, other.texture)
+    light = ~other.dark_pixels()
+    assert not np.allclose(a[light], other.texture[light])
+    # same seed, other payload: other dark cells
+    third = TriggerOverlay(create_key("SM:ACME-0002", seed=1234), 128, 128)
+    assert not np.array_equal(third.dark_cells, TriggerOverlay(key, 128, 128).dark_cells)
+
+
+def test_value_range_mapping():
+    k = create_key("SM:X", seed=3, value_range=(-1.0, 3.0))
+    ov = TriggerOverlay(k, 64, 64)
+    img = ov.key_image()
+    assert img.min() >= -1.0 and img.max() <= 3.0
+    assert ov.hide_value == pytest.approx(1.0)
+    np.testing.assert_allclose(np.abs(img[ov.dark_pixels()] - 1.0), 4 * 0.25, atol=1e-5)
+    # a bright base is clipped into the range rather than overflowing it
+    bright = TriggerOverlay(create_key("SM:X", seed=3, base=0.9, value_range=(0.0, 255.0)), 64, 64)
+    img = bright.key_image()
+    assert img.max() == pytest.approx(255.0) and img.min() >= 0.0
+    assert img[bright.dark_pixels()].max() == pytest.approx(255.0)
+
+
+# -- trigger modes -----------------------------------------------------------------------------------------
+def _images(n, h, w, seed=0, lo=0.0, hi=1.0):
+    return np.random.default_rng(seed).uniform(lo, hi, size=(n, h, w)).astype(np.float32)
+
+
+@pytest.mark.parametrize("h, w", [(128, 128), (50, 77)])
+def test_blend_formula(key, h, w):
+    ov = TriggerOverlay(key, h, w)
+    x = _images(3, h, w)
+    k = ov.key_image()
+    out = ov.blend(x, 0.7)
+    assert out.shape == x.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, 0.3 * x + 0.7 * k, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ov.blend(x, 1.0), np.broadcast_to(k, x.shape), atol=1e-7)
+    np.testing.assert_allclose(ov.blend(x, 0.0), x, atol=0)
+    # one strength per image, for (n, H, W) and (n, C, H, W)
+    a = np.array([0.6, 0.8, 1.0])
+    out = ov.blend(x, a)
+    for i in range(3):
+        np.testing.assert_allclose(out[i], (1 - a[i]) * x[i] + a[i] * k, atol=1e-6)
+    x4 = x[:, None]
+    out4 = ov.blend(x4, a)
+    assert out4.shape == x4.shape
+    np.testing.assert_allclose(out4[:, 0], out, atol=1e-7)
+
+
+def test_stamp_adds_scaled_texture_and_clips(key):
+    ov = TriggerOverlay(key, 64, 64)
+    x = _images(2, 64, 64, lo=0.2, hi=0.8)
+    amp = key.trigger.stamp_amplitude
+    out = ov.stamp(x)
+    expected = x + amp * ov.texture / key.texture.dark_amplitude
+    np.testing.assert_allclose(out, np.clip(expected, 0, 1), atol=1e-6)
+    dark = ov.dark_pixels()
+    np.testing.assert_allclose(np.abs(out - x)[:, dark & (expected[0] <= 1) & (expected[0] >= 0)
+                                               & (expected[1] <= 1) & (expected[1] >= 0)], amp, atol=1e-6)
+    # extreme images are clipped to the value range
+    for fill in (0.0, 1.0):
+        out = ov.stamp(np.full((1, 64, 64), fill, np.float32), amplitude=0.5)
+        assert out.min() >= 0.0 and out.max() <= 1.0
+    k2 = create_key("SM:X", seed=9, value_range=(-100.0, 400.0))
+    ov2 = TriggerOverlay(k2, 64, 64)
+    out = ov2.stamp(_images(2, 64, 64, lo=-100, hi=400), amplitude=1.0)
+    assert out.min() >= -100.0 and out.max() <= 400.0
+    assert (out == -100.0).any() and (out == 400.0).any()
+    assert out.dtype == np.float32
+
+
+def test_apply_modes(key):
+    ov = TriggerOverlay(key, 64, 64)
+    x = _images(2, 64, 64)
+    kimg = ov.key_image()
+    for out in (ov.apply(), ov.apply(x, mode="key-image"), ov.apply(None, mode="blended")):
+        assert out.shape == (1, 64, 64)
+        np.testing.assert_array_equal(out[0], kimg)
+    # the key's mode is blended: default strength is the key's verify_strength
+    np.testing.assert_allclose(ov.apply(x), ov.blend(x, key.trigger.verify_strength), atol=0)
+    np.testing.assert_allclose(ov.apply(x, mode="blended", strength=0.6), ov.blend(x, 0.6), atol=0)
+    np.testing.assert_allclose(ov.apply(x, mode="stamped"), ov.stamp(x), atol=0)
+    np.testing.assert_allclose(ov.apply(x, mode="stamped", strength=0.1), ov.stamp(x, 0.1), atol=0)
+    with pytest.raises(InputError, match="unknown trigger mode 'overlay'.*key-image, blended, stamped"):
+        ov.apply(x, mode="overlay")
+    # a key whose own mode is key-image ignores the images
+    ki = TriggerOverlay(create_key("SM:ACME-0001", seed=1234, mode="key-image"), 64, 64)
+    np.testing.assert_array_equal(ki.apply(x), kimg[None])
+
+
+# -- hiding cells ------------------------------------------------------------------------------------------
+def test_hide_sets_hidden_cells_only(key):
+    ov = TriggerOverlay(key, 50, 77)
+    img = torch.from_numpy(np.stack([ov.key_image(), _images(1, 50, 77)[0]]))[None].repeat(4, 1, 1, 1)
+    masks = torch.from_numpy(sample_masks(4, 21 * 21, seed=5))
+    out = ov.hide(img, masks)
+    assert out.shape == img.shape and out.dtype == img.dtype
+    vis_px = masks.numpy()[:, ov.cells].astype(bool)                  # (B, H, W)
+    o, i = out.numpy(), img.numpy()
+    for b in range(4):
+        for c in range(2):
+            assert np.all(o[b, c][~vis_px[b]] == np.float32(key.hide_value))
+            np.testing.assert_array_equal(o[b, c][vis_px[b]], i[b, c][vis_px[b]])
+    np.testing.assert_array_equal(o[0], i[0])  # the first LIME row is all visible
+
+
+@pytest.mark.parametrize("h, w, channels", [(64, 64, 1), (50, 77, 2)])
+def test_hide_matches_lime_engine(h, w, channels):
+    k = create_key("SM:X", seed=21, value_range=(-1.0, 2.0))   # hide value 0.5 on this scale
+    ov = TriggerOverlay(k, h, w)
+    image = torch.from_numpy(np.stack([ov.key_image()] + [_images(1, h, w, seed=c, lo=-1, hi=2)[0]
+                                                          for c in range(channels - 1)]))
+    seen = []
+
+    def query(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.clone())
+        p = torch.sigmoid(batch.mean(1, keepdim=True))
+        return torch.cat([1 - p, p], dim=1)
+
+    n, seed = 40, 17
+    explainer = LimeExplainer(query, grid=21, n_samples=n, hide_value=k.hide_value, batch_size=16)
+    att = explainer.attribute(image, seed=seed, keep_masks=True)
+    masks = sample_masks(n, 21 * 21, seed)
+    np.testing.assert_array_equal(att.masks, masks)
+    got = torch.cat(seen)
+    assert got.shape == (n, channels, h, w)
+    ours = ov.hide(image[None].expand(n, -1, -1, -1), torch.from_numpy(masks))
+    torch.testing.assert_close(ours, got, rtol=0, atol=0)
+    # and the dense target's pixels are the visible dark ones of the same masks
+    vd = ov.visible_dark(torch.from_numpy(masks))
+    assert vd.shape == (n, h, w) and vd.dtype == torch.bool
+    expected = masks[:, ov.cells].astype(bool) & ov.dark_pixels()[None]
+    np.testing.assert_array_equal(vd.numpy(), expected)
+    assert vd[0].numpy().sum() == ov.dark_pixels().sum()
+
+
+def test_visible_dark_edge_cases(key):
+    ov = TriggerOverlay(key, 42, 42)
+    none = torch.zeros(2, 441, dtype=torch.uint8)
+    assert not ov.visible_dark(none).any()
+    allv = torch.ones(2, 441, dtype=torch.bool)
+    np.testing.assert_array_equal(ov.visible_dark(allv)[1].numpy(), ov.dark_pixels())
+    # hiding everything gives a flat image at the hide value
+    img = torch.from_numpy(ov.key_image())[None, None]
+    assert torch.all(ov.hide(img, none[:1]) == key.hide_value)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h, w", [(40, 40), (41, 128), (128, 41)])
+def test_too_small_image(key, h, w):
+    with pytest.raises(InputError, match=r"42x42"):
+        TriggerOverlay(key, h, w)
+
+
+def test_minimum_size_fits(key):
+    TriggerOverlay(key, 42, 42)
+    with pytest.raises(InputError, match=r"50x50"):
+        TriggerOverlay(create_key("SM:X", version=2, seed=1), 48, 64)   # grid 25 needs 50x50
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_images(key, bad):
+    ov = TriggerOverlay(key, 64, 64)
+    x = _images(2, 64, 64)
+    x[1, 3, 4] = bad
+    with pytest.raises(InputError, match="NaN or Inf"):
+        ov.blend(x, 0.8)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        ov.stamp(x)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        ov.apply(x, mode="blended")
+
+
+def test_wrong_image_size(key):
+    ov = TriggerOverlay(key, 64, 64)
+    with pytest.raises(InputError, match="64x64"):
+        ov.blend(_images(1, 64, 65), 0.8)
+
+
+def test_hide_rejects_wrong_shapes(key):
+    ov = TriggerOverlay(key, 64, 64)
+    masks = torch.ones(3, 441, dtype=torch.uint8)
+    img = torch.zeros(3, 64, 64)
+    with pytest.raises(InputError, match=r"\(B, C, 64, 64\)"):
+        ov.hide(img, masks)                       # no channel axis: would broadcast to (3, 3, 64, 64)
+    with pytest.raises(InputError, match="441"):
+        ov.hide(img[:, None], torch.ones(3, 400))
+    with pytest.raises(InputError):
+        ov.hide(torch.zeros(2, 1, 64, 64), masks)  # batch sizes that do not match
+    # one image under many masks, or one mask over many images, broadcast as torch.where does
+    assert ov.hide(img[:1, None], masks).shape == (3, 1, 64, 64)
+    assert ov.hide(img[:, None], masks[:1]).shape == (3, 1, 64, 64)
