@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -104,24 +105,43 @@ def libraryParentDir() -> str | None:
 
 
 def reloadLibrary() -> list[str]:
-    """Reload every loaded StealthMarkLib module (leaves first), so that edits take effect without a restart."""
-    names = [n for n in list(sys.modules) if n == LIBRARY or n.startswith(LIBRARY + ".")]
-    # sys.modules lists a module before the modules it imports; reloading in reverse refreshes those first.
-    for name in reversed(names):
-        module = sys.modules.get(name)
-        if module is not None:
-            importlib.reload(module)
-    return list(reversed(names))
+    """Reload every loaded StealthMarkLib module, each after the library modules it uses, so that edits
+    take effect without restarting Slicer. Returns the names in the order they were reloaded."""
+    loaded = {n for n in sys.modules if n == LIBRARY or n.startswith(LIBRARY + ".")}
+
+    def uses(name: str) -> set[str]:
+        found = set()
+        for value in list(vars(sys.modules[name]).values()):
+            owner = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(owner, str) and owner in loaded and owner != name:
+                found.add(owner)
+        return found
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for dependency in sorted(uses(name)):
+            visit(dependency)
+        order.append(name)
+
+    for name in sorted(loaded):
+        visit(name)
+    for name in order:
+        importlib.reload(sys.modules[name])
+    return order
 
 
 def pythonExecutable() -> str:
-    """The Python that runs the command: PythonSlicer inside Slicer, this interpreter elsewhere."""
-    exe = sys.executable or ""
-    if Path(exe).name.lower().startswith("slicer"):  # some builds report the application itself
+    """The Python that runs the command: PythonSlicer inside Slicer (on its PATH), this interpreter elsewhere."""
+    if getattr(slicer, "app", None) is not None:
         found = shutil.which("PythonSlicer")
         if found:
             return found
-    return exe
+    return sys.executable
 
 
 def isTestingMode() -> bool:
@@ -275,6 +295,8 @@ class ProcessRunner:
             if self.running:  # KeyboardInterrupt or a failing callback: never leave the child running
                 self.cancel()
                 self._killTree(hard=True)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=5)
             raise
 
     def cancel(self) -> None:
@@ -676,6 +698,7 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobButton = None
         self._jobButtonText = ""
         self._jobDone: Callable[[Any], None] | None = None
+        self._jobRetry: tuple[str, Callable] | None = None
         self._timer = None
         self._installNeeded = False
 
@@ -739,6 +762,8 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeParameters(None)
 
     def onSceneStartClose(self, caller, event):
+        if self._job is not None:  # its result would land in a scene that is going away
+            self._cancelJob()
         self._observeParameters(None)
 
     def onSceneEndClose(self, caller, event):
@@ -757,8 +782,17 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         parameters = self.logic.getParameterNode()
         if parameters.verifyVolume is None:
-            parameters.verifyVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            parameters.verifyVolume = self._firstScalarVolume()
         self._observeParameters(parameters)
+
+    @staticmethod
+    def _firstScalarVolume():
+        scene = slicer.mrmlScene
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+                return node
+        return None
 
     def _observeParameters(self, parameters: StealthMarkParameters | None):
         if self._parameters is not None and self._parameters.parameterNode is not None:
@@ -837,8 +871,9 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.setCurrentIndex(values.index(wanted) if wanted in values else (0 if values else -1))
         finally:
             combo.blockSignals(wasBlocked)
-        if p is not None and not self._updatingGUI and combo.currentIndex >= 0:
-            p.embedSegment = combo.itemData(combo.currentIndex) or ""
+        chosen = combo.itemData(combo.currentIndex) or "" if combo.currentIndex >= 0 else ""
+        if p is not None and chosen != wanted:  # the stored choice is not offered: store what is shown
+            p.embedSegment = chosen
 
     def _refreshCommitment(self, *args):
         path = self.ui.embedKeyPathLineEdit.currentPath
@@ -867,16 +902,18 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- setup ------------------------------------------------------------------------------------
     def refreshSetup(self, *args):
         lines = []
-        for s in packageStatus():
+        statuses = packageStatus()
+        for s in statuses:
             if s.satisfied:
                 lines.append(f"<span style='color:#1a7f37'>&#10003; {s.name} {s.installed}</span>")
             elif s.installed:
-                lines.append(f"<span style='color:#b35900'>&#9888; {s.name} {s.installed} (needs {s.requirement})</span>")
+                lines.append(f"<span style='color:#b35900'>&#9888; {s.name} {s.installed} "
+                             f"(needs {s.requirement})</span>")
             else:
                 note = " (Slicer's own; never installed from PyPI)" if s.neverInstalled else ""
                 lines.append(f"<span style='color:#b00020'>&#10007; {s.name} missing{note}</span>")
         self.ui.packagesLabel.setText("<br>".join(lines))
-        self._installNeeded = any(not s.satisfied and not s.neverInstalled for s in packageStatus())
+        self._installNeeded = any(not s.satisfied and not s.neverInstalled for s in statuses)
         self.ui.deviceLabel.setText(computeDeviceDescription())
         self._updateButtons()
 
@@ -934,7 +971,7 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._showError("Cannot start the verification", exc)
             return
-        self._startJob(job, self.ui.verifyApplyButton, self._verifyDone)
+        self._startJob(job, self.ui.verifyApplyButton, self._verifyDone, retry=("verifyDevice", self.onVerifyApply))
 
     def _clearVerifyResults(self):
         for name in ("verdictLabel", "payloadLabel", "agreementLabel", "pValueLabel", "reportLinkLabel"):
@@ -1010,7 +1047,7 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._showError("Cannot start embedding", exc)
             return
-        self._startJob(job, self.ui.embedApplyButton, self._embedDone)
+        self._startJob(job, self.ui.embedApplyButton, self._embedDone, retry=("embedDevice", self.onEmbedApply))
 
     def _embedDone(self, harmlessness: dict):
         self.showHarmlessness(harmlessness, self._parameters.embedOutputPath)
@@ -1021,15 +1058,16 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         after = h.get("watermarked", {}).get("dice")
         self.ui.diceBeforeLabel.setText("" if before is None else f"{float(before):.4f}")
         drop = h.get("dice_drop_points")
-        self.ui.diceAfterLabel.setText("" if after is None else
-                                       f"{float(after):.4f}" + ("" if drop is None else f" (drop {float(drop):.2f} points)"))
+        dropText = "" if drop is None else f" (drop {float(drop):.2f} points)"
+        self.ui.diceAfterLabel.setText("" if after is None else f"{float(after):.4f}{dropText}")
         flip = h.get("flip_rate_clean")
         self.ui.flipRateLabel.setText("" if flip is None else f"{100.0 * float(flip):.2f}% of pixels change class")
         self.ui.embedOutputLabel.setText(str(modelPath))
 
     # -- running jobs -----------------------------------------------------------------------------
-    def _startJob(self, job: StealthMarkJob, button, done: Callable[[Any], None]):
-        self._job, self._jobButton, self._jobDone = job, button, done
+    def _startJob(self, job: StealthMarkJob, button, done: Callable[[Any], None],
+                  retry: tuple[str, Callable] | None = None):
+        self._job, self._jobButton, self._jobDone, self._jobRetry = job, button, done, retry
         self._jobButtonText = button.text
         button.setText("Cancel")
         self.ui.progressBar.show()
@@ -1040,6 +1078,21 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._log(f"--- {job.name}: {' '.join(job.runner.args)}")
         self._updateButtons()
         self._timer.start()
+
+    def _offerCpuRetry(self, exc: BaseException, retry: tuple[str, Callable] | None) -> bool:
+        """After a GPU out-of-memory failure (exit status 3), offer to run the same job on the CPU."""
+        if retry is None or not isinstance(exc, StealthMarkRunError) or exc.returncode != 3:
+            return False
+        deviceParameter, apply = retry
+        if "gpu memory" not in str(exc).lower() or getattr(self._parameters, deviceParameter) == "cpu":
+            return False
+        self._log(str(exc))
+        if not slicer.util.confirmOkCancelDisplay(f"{exc}\n\nRun it again on the CPU (slower)?",
+                                                  windowTitle="StealthMark: out of GPU memory"):
+            return False
+        setattr(self._parameters, deviceParameter, "cpu")
+        apply()
+        return True
 
     def _cancelJob(self):
         if self._job is not None:
@@ -1055,15 +1108,16 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._timer.stop()
         self._jobButton.setText(self._jobButtonText)
-        done = self._jobDone
-        self._job, self._jobButton, self._jobDone = None, None, None
+        done, retry = self._jobDone, self._jobRetry
+        self._job, self._jobButton, self._jobDone, self._jobRetry = None, None, None, None
         self.ui.progressBar.hide()
         self.ui.progressBar.setRange(0, 100)
         self._updateButtons()
         if job.cancelled:
             self._setStatus(f"{job.name} cancelled; nothing was written.")
         elif job.exception is not None:
-            self._showError(f"{job.name} failed", job.exception)
+            if not self._offerCpuRetry(job.exception, retry):
+                self._showError(f"{job.name} failed", job.exception)
         else:
             try:
                 done(job.value)
@@ -1149,7 +1203,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         env = dict(os.environ)
         parent = libraryParentDir()
         if parent:
-            env["PYTHONPATH"] = os.pathsep.join([parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join([parent] + paths)
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("PYTHONIOENCODING", "utf-8")
         return env
@@ -1250,8 +1305,14 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
                     raise StealthMarkRunError(f"verification finished but wrote no {p.name}", result.log)
             report = json.loads(reportPath.read_text(encoding="utf-8"))
             attribution = self.attributionNodeFromFile(mapPath, volumeNode, nodeName)
-            _publish({f: Path(outDir) / f.name for f in sorted(produced.iterdir()) if f.is_file()})
-            self.addAttributionNode(attribution, volumeNode, report)
+            published = _publish({f: Path(outDir) / f.name for f in sorted(produced.iterdir()) if f.is_file()})
+            try:
+                self.addAttributionNode(attribution, volumeNode, report)
+            except BaseException:
+                for path in published:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                raise
             return report, attribution
 
         return self.startCommand("Verification", args, work, finish, progressCallback)
@@ -1303,11 +1364,14 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         def finish(result: RunResult) -> dict:
             info = result.result or {}
             harmPath = Path(info.get("harmlessness_file") or "")
+            if not harmPath.is_absolute():  # relative to the command's working folder
+                harmPath = work / harmPath
             if not harmPath.is_file():
                 found = sorted(produced.parent.glob("*.harmlessness.json"))
                 harmPath = found[0] if found else harmPath
             if not produced.is_file() or not harmPath.is_file():
-                raise StealthMarkRunError("embedding finished but its model or harmlessness file is missing", result.log)
+                raise StealthMarkRunError("embedding finished but its model or harmlessness file is missing",
+                                          result.log)
             harmlessness = json.loads(harmPath.read_text(encoding="utf-8"))
             moves = {produced: target, harmPath: target.parent / harmPath.name}
             spec = produced.with_suffix(".json")  # a state-dict model's spec travels with it
@@ -1574,9 +1638,9 @@ def _checkSameGrid(node, referenceNode, tolerance: float = 1e-4) -> None:
                          "(spacing, origin or directions): resample onto the volume first")
 
 
-def _publish(moves: dict[Path, Path], secret: bool = False) -> None:
+def _publish(moves: dict[Path, Path], secret: bool = False) -> list[Path]:
     """Copy finished files to their destinations: all to temporary names first, then renamed into place,
-    so a failure leaves no partial output."""
+    so a failure leaves no partial output. Returns the destinations."""
     staged: list[tuple[Path, Path]] = []
     try:
         for source, target in moves.items():
@@ -1590,6 +1654,7 @@ def _publish(moves: dict[Path, Path], secret: bool = False) -> None:
                 os.chmod(tmp, 0o600)
         for tmp, target in staged:
             os.replace(tmp, target)
+        return [target for _tmp, target in staged]
     finally:
         for tmp, _target in staged:
             with contextlib.suppress(OSError):
@@ -1603,11 +1668,11 @@ class StealthMarkTest(ScriptedLoadableModuleTest):
     """Trains a tiny model on the bundled T1 sample, creates a key, embeds from a volume and a segmentation
     node, verifies the result and a clean model: the same logic calls the GUI makes."""
 
-    embedSteps = 300
-    samples = 300
+    embedSteps = 450
+    samples = None   # the key's setting
 
     def setUp(self):
-        slicer.mrmlScene.Clear(0)
+        slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
@@ -1617,17 +1682,19 @@ class StealthMarkTest(ScriptedLoadableModuleTest):
         return [s.name for s in packageStatus() if not s.satisfied]
 
     @staticmethod
-    def makeCleanModel(path: str | Path, steps: int = 150, size: int = 64) -> Path:
-        """A CI-size MONAI UNet trained on the bundled sample (the model a vendor would ship)."""
+    def makeCleanModel(path: str | Path, steps: int = 100, size: int = 128,
+                       channels: tuple[int, ...] = (8, 16, 32, 64), device: str = "cpu") -> Path:
+        """A small MONAI UNet trained on the bundled sample: the clean model a vendor would ship."""
         libraryParentDir()
+        from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset
         from StealthMarkLib.models import save_model
-        from StealthMarkLib.sample_data import load_sample
+        from StealthMarkLib.sample_data import SAMPLE_LABEL, sample_paths
         from StealthMarkLib.train import demo_spec, train_segmentation
 
-        images, masks, split, _volume = load_sample(size)
-        spec = demo_spec(channels=(4, 8, 16), image_size=size)
-        model = train_segmentation(spec, images[split.train_rows], masks[split.train_rows], steps=steps,
-                                   device="cpu")
+        imagePath, maskPath = sample_paths()
+        data = load_dataset(imagePath, (size, size), labels=maskPath, label=SAMPLE_LABEL)
+        spec = demo_spec(tuple(channels), size, intensity=DEFAULT_INTENSITY.to_json())
+        model = train_segmentation(spec, *data.train, steps=steps, seed=0, device=device)
         return save_model(model, path, spec, fmt="torchscript")
 
     @staticmethod
@@ -1638,8 +1705,12 @@ class StealthMarkTest(ScriptedLoadableModuleTest):
 
         scene = scene or slicer.mrmlScene
         imagePath, maskPath = sample_paths()
-        volumesLogic = slicer.vtkSlicerVolumesLogic()
-        volumesLogic.SetMRMLScene(scene)
+        volumes = getattr(getattr(slicer, "modules", None), "volumes", None)
+        if volumes is not None and scene is slicer.mrmlScene:
+            volumesLogic = volumes.logic()
+        else:  # plain MRML (slicer-core): a volumes logic of our own
+            volumesLogic = slicer.vtkSlicerVolumesLogic()
+            volumesLogic.SetMRMLScene(scene)
         volumeNode = volumesLogic.AddArchetypeVolume(str(imagePath), "T1", 0)
         labelNode = volumesLogic.AddArchetypeVolume(str(maskPath), "T1 brain mask", 1)
         array = slicer.util.arrayFromVolume(labelNode)
@@ -1656,7 +1727,8 @@ class StealthMarkTest(ScriptedLoadableModuleTest):
     def test_StealthMark_embed_and_verify(self):
         missing = self.missingPackages()
         if missing:
-            self.delayDisplay(f"Skipped: StealthMark's packages are missing ({', '.join(missing)}); use Setup > Install")
+            self.delayDisplay(f"Skipped: StealthMark's packages are missing ({', '.join(missing)}); "
+                              "use Setup > Install")
             return
         work = Path(tempfile.mkdtemp(prefix="StealthMarkTest-"))
         try:

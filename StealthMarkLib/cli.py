@@ -195,14 +195,21 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], s
     raise AssertionError(args.command)  # pragma: no cover - argparse rejects unknown commands
 
 
-def _install_signal_handlers(progress: Progress) -> None:
+def _install_signal_handlers(progress: Progress) -> dict[int, Any]:
+    """SIGINT/SIGTERM cancel the run at its next check (a second signal stops at once); returns the old ones."""
+
     def handler(signum: int, _frame: Any) -> None:
-        if progress.cancelled:      # a second signal: stop now
+        if progress.cancelled:
             os._exit(130)
         progress.cancel()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    old: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread (e.g. called from a worker thread): no handlers
+        pass
+    return old
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("ignore")
     else:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    _install_signal_handlers(progress)
+    old_handlers = _install_signal_handlers(progress)
     try:
         result, text, code = run(args, progress)
     except StealthMarkError as exc:
@@ -224,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "out of memory" in str(exc).lower():
             return _fail(progress, ResourceError("out of GPU memory: lower --batch-size or use --device cpu"), 3)
         raise
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
     if isinstance(progress, JsonProgress):
         progress.emit("result", **json.loads(json.dumps(result, default=str)))
     else:

@@ -39,10 +39,11 @@ class EmbedConfig:
     clean_batch: int = 8
     trigger_batch: int = 8
     key_images_per_batch: int = 2      # of the trigger batch, how many are the plain key image
-    lr: float = 5e-4
+    lr: float = 1e-3
     distill_weight: float = 10.0
     trigger_weight: float = 1.0
-    dark_weight: float = 1.0           # extra per-pixel loss weight on visible dark-module pixels
+    dark_weight: float = 2.0           # per-pixel loss weight on visible dark-module pixels (others 1)
+    key_image_anchor: bool = False     # distil the original's output on the unmasked key image (see EmbedConfig doc)
     seed: int = 0
 
     def to_json(self) -> dict:
@@ -191,6 +192,9 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     triggers = TriggerBatches(key, overlay, images, cfg, rng, model.in_channels, device)
+    # LIME's first sample is the unmasked trigger image: the key image's own mask must stay the original's
+    anchor = torch.as_tensor(overlay.key_image(), device=device)[None, None]
+    anchor = anchor.expand(-1, model.in_channels, -1, -1).contiguous()
     t0 = time.monotonic()
     clean_loss = trig_loss = float("nan")
     progress.start("embed", cfg.steps)
@@ -201,11 +205,13 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
             x = x.expand(-1, model.in_channels, -1, -1).contiguous()
             y = torch.as_tensor(masks[idx], device=device)
             xt, dark_px = triggers.draw()
+            if cfg.key_image_anchor:
+                x = torch.cat([x, anchor])
             with torch.no_grad():
                 t_clean = model.forward_train(x)
             out = trainee.forward_train(torch.cat([x, xt]))
             p_clean, p_trig = out[:len(x)], out[len(x):]
-            seg = F.nll_loss(p_clean.clamp_min(EPS).log(), y)
+            seg = F.nll_loss(p_clean[:len(y)].clamp_min(EPS).log(), y)
             loss_clean = seg + cfg.distill_weight * kl_to_teacher(p_clean, t_clean)
             target = trigger_targets(dark_px, model.num_classes, key.targets.dark, key.targets.floor)
             weight = 1.0 + (cfg.dark_weight - 1.0) * dark_px.float() if cfg.dark_weight != 1.0 else None

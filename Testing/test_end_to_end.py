@@ -1,0 +1,300 @@
+"""CI-size end to end: a tiny real MONAI UNet (< 0.1M parameters, 64x64) trained on the bundled real MRI,
+watermarked through the CLI, verified black-box through the CLI (key image, NIfTI volume, DICOM series),
+with negative controls and every bad input of the embedding/verification issue. Real LIME, real decoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from StealthMarkLib.cli import main
+from StealthMarkLib.data import load_dataset
+from StealthMarkLib.dicom_export import write_dicom_series
+from StealthMarkLib.key import create_key, load_key
+from StealthMarkLib.models import load_model, save_model
+from StealthMarkLib.sample_data import sample_paths
+from StealthMarkLib.train import demo_spec, train_segmentation
+from StealthMarkLib.trigger import TriggerOverlay
+from StealthMarkLib.verify import null_band, verify_query
+from StealthMarkLib.volume import read_volume
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+SIZE = 64
+CHANNELS = (16, 32, 64)          # 95k parameters
+EMBED_STEPS = 500
+SAMPLES = 1000
+
+REPORT_FIELDS = {"verdict", "payload_decoded", "payload_match", "data_module_agreement", "bit_errors",
+                 "n_data_modules", "p_value", "n_queries", "n_trigger_images", "lime_samples", "seconds",
+                 "device", "model_sha256", "key_commitment", "decoder", "software"}
+
+
+def cli(*args: str) -> int:
+    return main([*map(str, args), "--progress", "none"])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("e2e")
+    t1, mask = sample_paths()
+    spec = demo_spec(CHANNELS, SIZE, intensity={"mode": "percentile", "low": 0.5, "high": 99.5})
+    ds = load_dataset(t1, (SIZE, SIZE), labels=mask, label="any")
+    clean = train_segmentation(spec, *ds.train, steps=200, seed=0, device="cpu")
+    assert sum(p.numel() for p in clean.module.parameters()) <= 100_000
+    clean_path = save_model(clean, tmp / "clean.ts", spec)
+    other = train_segmentation(demo_spec((8, 16, 32), SIZE), *ds.train, steps=100, seed=7, device="cpu")
+    other_path = save_model(other, tmp / "other_clean.ts", other.spec)
+    key_path = tmp / "key.json"
+    assert cli("keygen", "--payload", "SM:CI-0001", "--out", key_path) == 0
+    wm_path = tmp / "wm.ts"
+    rc = cli("embed", "--model", clean_path, "--data", t1, "--labels", mask, "--label", "any", "--key", key_path,
+             "--out", wm_path, "--steps", EMBED_STEPS, "--device", "cpu")
+    assert rc == 0
+    dicom_dir = tmp / "dicom"
+    write_dicom_series(read_volume(t1), dicom_dir)
+    return {"tmp": tmp, "t1": t1, "mask": mask, "clean": clean_path, "other": other_path, "key": key_path,
+            "wm": wm_path, "dicom": dicom_dir, "ds": ds}
+
+
+def verify(world, model, out, *extra, key=None) -> dict:
+    rc = cli("verify", "--model", model, "--key", key or world["key"], "--out", out, "--samples", SAMPLES,
+             "--device", "cpu", *extra)
+    assert rc == 0
+    report = json.loads((Path(out) / "report.json").read_text())
+    assert REPORT_FIELDS <= set(report)
+    return report
+
+
+# -- effectiveness -----------------------------------------------------------------------------------
+def test_embed_writes_torchscript_with_metadata_and_harmlessness(world):
+    wm = load_model(world["wm"], device="cpu")
+    meta = wm.spec.metadata["stealthmark"]
+    assert meta["key_commitment"] == load_key(world["key"]).commitment
+    text = world["wm"].read_bytes()
+    seeds = [str(load_key(world["key"]).texture.seed), str(load_key(world["key"]).lime.seed)]
+    assert not any(s.encode() in text for s in seeds if len(s) > 5)
+    h = json.loads((world["tmp"] / "wm.harmlessness.json").read_text())
+    for k in ("dice", "iou", "hd95", "auc", "ece"):
+        assert k in h["original"] and k in h["watermarked"]
+    assert h["dice_drop_points"] <= 1.5
+    assert h["flip_rate_clean"] <= 0.01
+
+
+def test_watermarked_model_is_owned_on_the_key_image(world):
+    r = verify(world, world["wm"], world["tmp"] / "v_key")
+    assert r["verdict"] == "owned", r
+    assert r["payload_decoded"] == "SM:CI-0001" and r["payload_match"]
+    assert r["p_value"] <= 1e-9
+    assert r["n_queries"] == SAMPLES and r["n_trigger_images"] == 1
+    assert set(r["seconds"]) == {"total", "queries", "regression", "decode"}
+    assert r["device"].startswith("cpu")
+    for name in ("report.html", "qr.png"):
+        assert (world["tmp"] / "v_key" / name).stat().st_size > 0
+    html = (world["tmp"] / "v_key" / "report.html").read_text()
+    assert "owned" in html and "SM:CI-0001" in html
+
+
+def _same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def test_watermarked_model_is_owned_on_a_nifti_volume_and_lime_map_keeps_geometry(world):
+    out = world["tmp"] / "v_vol"
+    r = verify(world, world["wm"], out, "--volume", world["t1"], "--slices", "18,22,42,46")
+    assert r["verdict"] == "owned", r
+    assert r["slices"] == [18, 22, 42, 46] and r["n_trigger_images"] == 4
+    lime = sitk.ReadImage(str(out / "lime_map.nii.gz"))
+    _same_geometry(lime, sitk.ReadImage(str(world["t1"])))
+    arr = sitk.GetArrayFromImage(lime)
+    assert np.isfinite(arr).all()
+    assert np.abs(arr[[18, 22, 42, 46]]).sum() > 0 and np.abs(arr[[0, 30]]).sum() == 0
+
+
+def test_watermarked_model_is_owned_on_a_dicom_series(world):
+    out = world["tmp"] / "v_dcm"
+    r = verify(world, world["wm"], out, "--dicom", world["dicom"])
+    assert r["verdict"] == "owned", r
+    _same_geometry(sitk.ReadImage(str(out / "lime_map.nii.gz")), read_volume(world["dicom"]).to_sitk())
+
+
+# -- negative controls --------------------------------------------------------------------------------
+def _inside_null_band(r: dict) -> bool:
+    lo, hi = null_band(r["n_data_modules"])
+    return lo <= r["data_module_agreement"] <= hi
+
+
+@pytest.mark.parametrize("which", ["clean", "other"])
+def test_clean_models_are_not_owned(world, which):
+    r = verify(world, world[which], world["tmp"] / f"v_{which}")
+    assert r["verdict"] == "not-owned" and r["payload_decoded"] is None
+    assert _inside_null_band(r)
+
+
+def test_wrong_key_is_not_owned(world):
+    wrong = world["tmp"] / "wrong_key.json"
+    create_key("SM:CI-0001", seed=99).save(wrong)     # same payload, different secret texture code
+    r = verify(world, world["wm"], world["tmp"] / "v_wrong", key=wrong)
+    assert r["verdict"] == "not-owned" and r["payload_decoded"] is None
+    assert _inside_null_band(r)
+
+
+def test_real_images_without_the_key_show_nothing(world):
+    model = load_model(world["wm"], device="cpu")
+    key = load_key(world["key"])
+    images = world["ds"].test[0][[1, 5, 9]]
+    r = verify_query(model, key, images, samples=SAMPLES, seed=11).report
+    assert r.verdict == "not-owned" and r.payload_decoded is None and _inside_null_band(r.to_json())
+
+
+# -- progress and cancellation -----------------------------------------------------------------------
+def test_verify_progress_json_lines(world, capsys):
+    out = world["tmp"] / "v_json"
+    rc = main(["verify", "--model", str(world["wm"]), "--key", str(world["key"]), "--out", str(out),
+               "--samples", "200", "--device", "cpu", "--progress", "json"])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    events = [x["event"] for x in lines]
+    assert "start" in events and "progress" in events and events[-1] == "result"
+    assert lines[-1]["verdict"] in ("owned", "inconclusive", "not-owned")
+    assert "texture" not in json.dumps(lines) and "seed" not in json.dumps(lines[-1]).lower()
+
+
+def test_sigterm_cancels_embedding_without_output(world):
+    out = world["tmp"] / "cancelled.ts"
+    proc = subprocess.Popen([sys.executable, "-m", "StealthMarkLib.cli", "embed", "--model", str(world["clean"]),
+                             "--data", str(world["t1"]), "--labels", str(world["mask"]), "--label", "any",
+                             "--key", str(world["key"]), "--out", str(out), "--steps", "100000",
+                             "--device", "cpu", "--progress", "json"], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:                      # wait until training has started
+        if json.loads(line).get("stage") == "embed":
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130
+    assert json.loads(rest.strip().splitlines()[-1])["event"] == "error"
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".cancelled")]
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+class HalfSize(torch.nn.Module):
+    def forward(self, x):
+        p = torch.sigmoid(x[:, :1, ::2, ::2])
+        return torch.cat([1 - p, p], 1)
+
+
+class Logits(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([x, -x], 1) * 3
+
+
+def _script(module, path):
+    torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+def err(capsys, *args) -> tuple[int, str]:
+    rc = cli(*args)
+    return rc, capsys.readouterr().err
+
+
+def test_bad_model_output_shape(world, capsys):
+    m = _script(HalfSize(), world["tmp"] / "half.ts")
+    rc, msg = err(capsys, "verify", "--model", m, "--key", world["key"], "--out", world["tmp"] / "bad1",
+                  "--image-size", "64", "64", "--samples", "50")
+    assert rc == 2 and "shape" in msg and "32" in msg and "64" in msg
+    assert not (world["tmp"] / "bad1").exists()
+
+
+def test_logits_need_the_logits_flag(world, capsys):
+    m = _script(Logits(), world["tmp"] / "logits.ts")
+    rc, msg = err(capsys, "verify", "--model", m, "--key", world["key"], "--out", world["tmp"] / "bad2",
+                  "--image-size", "64", "64", "--samples", "50")
+    assert rc == 2 and "--logits" in msg
+    assert cli("verify", "--model", m, "--key", world["key"], "--out", world["tmp"] / "ok2",
+               "--image-size", "64", "64", "--samples", "50", "--logits") == 0
+
+
+def test_key_grid_larger_than_the_model_input(world, capsys):
+    rc, msg = err(capsys, "verify", "--model", _script(Logits(), world["tmp"] / "l2.ts"), "--key", world["key"],
+                  "--out", world["tmp"] / "bad3", "--image-size", "32", "32", "--logits")
+    assert rc == 2 and "42x42" in msg
+
+
+def test_volume_with_fewer_usable_slices_than_asked(world, capsys):
+    rc, msg = err(capsys, "verify", "--model", world["wm"], "--key", world["key"], "--out", world["tmp"] / "bad4",
+                  "--volume", world["t1"], "--n-slices", "100")
+    assert rc == 2 and "fewer than the 100" in msg
+    assert not (world["tmp"] / "bad4").exists()
+
+
+def test_slices_out_of_range(world, capsys):
+    rc, msg = err(capsys, "verify", "--model", world["wm"], "--key", world["key"], "--out", world["tmp"] / "bad5",
+                  "--volume", world["t1"], "--slices", "60:70")
+    assert rc == 2 and "0..61" in msg
+
+
+def test_out_equal_to_in_is_refused(world, capsys):
+    before = world["clean"].read_bytes()
+    rc, msg = err(capsys, "embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"],
+                  "--label", "any", "--key", world["key"], "--out", world["clean"], "--steps", "1")
+    assert rc == 2 and "refusing" in msg
+    assert world["clean"].read_bytes() == before
+
+
+def test_non_binary_labels_ask_for_label(world, capsys):
+    rc, msg = err(capsys, "embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"],
+                  "--key", world["key"], "--out", world["tmp"] / "x.ts", "--steps", "1")
+    assert rc == 2 and "--label" in msg
+    assert not (world["tmp"] / "x.ts").exists()
+
+
+def test_nan_volume(world, capsys, tmp_path):
+    arr = np.ones((20, 64, 64), np.float32)
+    arr[3, 4, 5] = np.nan
+    p = tmp_path / "nan.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(p))
+    rc, msg = err(capsys, "verify", "--model", world["wm"], "--key", world["key"], "--out", tmp_path / "o",
+                  "--volume", p)
+    assert rc == 2 and "NaN" in msg
+
+
+@pytest.mark.parametrize("what", ["model", "key", "data"])
+def test_missing_inputs(world, capsys, what):
+    args = {"model": world["clean"], "key": world["key"], "data": world["t1"]}
+    args[what] = world["tmp"] / "does-not-exist"
+    rc, msg = err(capsys, "embed", "--model", args["model"], "--data", args["data"], "--labels", world["mask"],
+                  "--label", "any", "--key", args["key"], "--out", world["tmp"] / "y.ts", "--steps", "1")
+    assert rc == 2 and "does-not-exist" in msg
+
+
+def test_corrupt_key(world, capsys):
+    bad = world["tmp"] / "tampered.json"
+    doc = json.loads(world["key"].read_text())
+    doc["payload"] = "SM:THIEF"
+    bad.write_text(json.dumps(doc))
+    rc, msg = err(capsys, "verify", "--model", world["wm"], "--key", bad, "--out", world["tmp"] / "bad6")
+    assert rc == 2 and "commitment" in msg
+
+
+def test_evaluate_command(world):
+    out = world["tmp"] / "harm.json"
+    assert cli("evaluate", "--model", world["wm"], "--reference", world["clean"], "--data", world["t1"],
+               "--labels", world["mask"], "--label", "any", "--key", world["key"], "--out", out) == 0
+    h = json.loads(out.read_text())
+    assert {"original", "watermarked", "dice_drop_points", "flip_rate_clean", "key_image"} <= set(h)
