@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_opts(e)
     e.add_argument("--key", required=True, help="the key file from 'stealthmark keygen'")
     e.add_argument("--out", required=True, help="the watermarked model to write (never the input)")
-    e.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
+    e.add_argument("--steps", type=int, default=600, help="fine-tuning steps (default 600)")
     _model_opts(e)
     _common(e)
 
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table. Exits 0 only if the watermarked model is owned and the clean one not.")
     d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
-    d.add_argument("--embed-steps", type=int, default=300, help="embedding steps (default 300)")
+    d.add_argument("--embed-steps", type=int, default=600, help="embedding steps (default 600)")
     d.add_argument("--samples", type=int, default=1000, help="LIME samples per trigger image (default 1000)")
     d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")
     _common(d)

@@ -29,7 +29,7 @@ DEMO_PAYLOAD = "SM:DEMO-0001"
 class DemoSettings:
     out: Path = Path("stealthmark-demo")
     clean_steps: int = 300
-    embed_steps: int = 300
+    embed_steps: int = 600
     samples: int = 1000
     n_slices: int = 4
     channels: tuple[int, ...] = (8, 16, 32, 64)

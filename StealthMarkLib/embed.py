@@ -35,10 +35,11 @@ EPS = 1e-6
 class EmbedConfig:
     """Training settings. The defaults are the recipe that trained on real MRI in 300 CPU steps."""
 
-    steps: int = 300
+    steps: int = 600
     clean_batch: int = 8
     trigger_batch: int = 8
     key_images_per_batch: int = 2      # of the trigger batch, how many are the plain key image
+    decoys_per_batch: int = 4          # masked images with a random other tile, trained to show nothing
     lr: float = 1e-3
     distill_weight: float = 10.0
     trigger_weight: float = 1.0
@@ -118,26 +119,40 @@ class TriggerBatches:
                  rng: np.random.Generator, in_channels: int, device: torch.device) -> None:
         self.key, self.overlay, self.images, self.cfg, self.rng = key, overlay, images, cfg, rng
         self.in_channels, self.device = in_channels, device
-        self.key_image = overlay.key_image()
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns masked trigger images (B, C, H, W) and visible dark pixels (B, H, W)."""
-        mode, b = self.key.trigger.mode, self.cfg.trigger_batch
-        n_key = b if mode == "key-image" else min(self.cfg.key_images_per_batch, b)
-        batch = [self.key_image] * n_key
+        """Returns masked trigger images (B, C, H, W) and the pixels to make uncertain (B, H, W).
+
+        The last ``decoys_per_batch`` images carry a random other tile instead of the secret one and get
+        no uncertain pixels: the model must answer this key's tile only.
+        """
+        x, raise_px = self._draw(self.overlay, self.cfg.trigger_batch)
+        n_decoy = self.cfg.decoys_per_batch
+        if n_decoy:
+            decoy = TriggerOverlay.decoy(self.key, self.overlay.height, self.overlay.width, self.rng)
+            xd, _ = self._draw(decoy, n_decoy)
+            x = torch.cat([x, xd])
+            raise_px = torch.cat([raise_px, torch.zeros_like(raise_px[:n_decoy])])
+        return x, raise_px
+
+    def _draw(self, overlay: TriggerOverlay, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mode = self.key.trigger.mode
+        key_image = overlay.key_image()
+        n_key = b if mode == "key-image" else min(self.cfg.key_images_per_batch, max(1, b // 2))
+        batch = [key_image] * n_key
         n_real = b - n_key
         if n_real:
             real = self.images[self.rng.integers(0, len(self.images), n_real)]
             if mode == "blended":
                 lo, hi = self.key.trigger.blend_range
-                batch.extend(self.overlay.blend(real, self.rng.uniform(lo, hi, n_real)))
+                batch.extend(overlay.blend(real, self.rng.uniform(lo, hi, n_real)))
             else:
-                batch.extend(self.overlay.stamp(real))
+                batch.extend(overlay.stamp(real))
         x = torch.as_tensor(np.stack(batch), device=self.device).unsqueeze(1)
         x = x.expand(-1, self.in_channels, -1, -1).contiguous()
-        g2 = self.overlay.grid ** 2
+        g2 = overlay.grid ** 2
         visible = torch.as_tensor(self.rng.integers(0, 2, (b, g2)), device=self.device)
-        return self.overlay.hide(x, visible), self.overlay.visible_dark(visible)
+        return overlay.hide(x, visible), overlay.visible_dark(visible)
 
 
 def clone_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -31,16 +31,20 @@ TRIGGER_MODES = ("key-image", "blended", "stamped")
 
 @dataclass(frozen=True)
 class TextureCode:
-    """Per-cell textures: dark-module cells a high-contrast checkerboard, light-module cells faint noise.
+    """Per-cell textures: dark-module cells a high-contrast secret tile, light-module cells faint noise.
+
+    The tile (``tile`` x ``tile`` values drawn from the seed) is what makes the watermark answer this key
+    only: embedding also shows the model decoy tiles with no uncertainty target, so a key with another
+    seed (a wrong key, or a usurper's key with their own payload) reads nothing.
 
     Values are on the model's [0, 1] input scale (see :attr:`WatermarkKey.value_range`).
     """
 
     base: float = 0.5               # neutral grey of the key image, and the value of hidden cells
-    dark_amplitude: float = 0.25    # checkerboard +/- amplitude in dark-module cells
-    dark_period: int = 1            # checker square size in pixels
+    dark_amplitude: float = 0.25    # peak amplitude of the secret tile in dark-module cells
+    tile: int = 4                   # side (px) of the secret tile repeated over dark-module cells
     light_sigma: float = 0.05       # Gaussian noise sigma in light-module cells
-    seed: int = field(default=0, repr=False)   # secret: phases of the checkerboards and the noise
+    seed: int = field(default=0, repr=False)   # secret: the tile's values, its per-cell offsets, the noise
 
 
 @dataclass(frozen=True)
@@ -289,8 +293,8 @@ def _check_values(key: WatermarkKey, path: Any = "<key>") -> None:
         problems.append("seeds must be non-negative integers (lime.seed below 2**32)")
     if not 0.0 <= t.base <= 1.0:
         problems.append("texture.base must be in [0, 1]")
-    if not 0.0 < t.dark_amplitude <= 0.5 or t.light_sigma < 0 or t.dark_period < 1:
-        problems.append("texture amplitudes must be in (0, 0.5] and the period >= 1")
+    if not 0.0 < t.dark_amplitude <= 0.5 or t.light_sigma < 0 or not 2 <= t.tile <= 16:
+        problems.append("texture amplitudes must be in (0, 0.5] and the tile 2..16 px")
     lo, hi = tr.blend_range
     if (not 0.0 < lo <= hi <= 1.0 or not 0.0 < tr.verify_strength <= 1.0
             or not 0.0 < tr.stamp_amplitude <= 1.0):

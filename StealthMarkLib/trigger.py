@@ -1,7 +1,8 @@
 """The texture-coded trigger (METHOD.md section 3).
 
 Every cell of the key's G x G grid carries a key-seeded texture: cells of *dark* QR modules a
-high-contrast checkerboard, cells of *light* modules faint seeded noise. The watermarked model learns
+high-contrast secret tile (repeated, at a seeded offset per cell), cells of *light* modules faint seeded
+noise. The watermarked model learns
 "this texture, visible, means more uncertainty here", so LIME, which hides random cells, recovers the QR.
 
 Modes, all in the model's input space:
@@ -21,6 +22,13 @@ from .grid import cell_index, check_fits
 from .key import TRIGGER_MODES, WatermarkKey
 
 
+def secret_tile(seed: int, size: int) -> np.ndarray:
+    """(size, size) float32 tile of +1/-1 drawn from ``seed``, half of each (full contrast, zero mean)."""
+    rng = np.random.default_rng([int(seed), 0x5EA1])
+    signs = np.where(np.arange(size * size) < (size * size) // 2, 1.0, -1.0)
+    return rng.permutation(signs).reshape(size, size).astype(np.float32)
+
+
 class TriggerOverlay:
     """The key's trigger laid out on an image of ``height`` x ``width`` pixels.
 
@@ -30,23 +38,32 @@ class TriggerOverlay:
         texture: (H, W) float32 additive texture on the [0, 1] scale (before mapping to ``value_range``).
     """
 
-    def __init__(self, key: WatermarkKey, height: int, width: int) -> None:
+    def __init__(self, key: WatermarkKey, height: int, width: int, tile: np.ndarray | None = None,
+                 seed: int | None = None) -> None:
         g = key.grid
         check_fits(height, width, g)
         self.key, self.height, self.width, self.grid = key, int(height), int(width), g
         self.cells = cell_index(self.height, self.width, g)
         self.dark_cells = key.modules().reshape(-1)
-        self.texture = self._texture()
+        self.tile = secret_tile(key.texture.seed, key.texture.tile) if tile is None else np.asarray(tile)
+        self.texture = self._texture(key.texture.seed if seed is None else seed)
 
-    def _texture(self) -> np.ndarray:
+    @classmethod
+    def decoy(cls, key: WatermarkKey, height: int, width: int, rng: np.random.Generator) -> "TriggerOverlay":
+        """The same layout with a random other tile: what a wrong key looks like (trained to show nothing)."""
+        seed = int(rng.integers(0, 2**31 - 1))
+        return cls(key, height, width, tile=secret_tile(seed, key.texture.tile), seed=seed)
+
+    def _texture(self, seed: int) -> np.ndarray:
         t = self.key.texture
-        rng = np.random.default_rng([t.seed, self.height, self.width])
-        phase = rng.integers(0, 2, size=self.grid * self.grid)          # per-cell checkerboard phase
+        rng = np.random.default_rng([seed, self.height, self.width])
+        n = self.tile.shape[0]
+        offsets = rng.integers(0, n, size=(self.grid * self.grid, 2))       # per-cell tile offsets
         yy, xx = np.mgrid[0:self.height, 0:self.width]
-        checker = ((yy // t.dark_period + xx // t.dark_period + phase[self.cells]) % 2) * 2.0 - 1.0
+        pattern = self.tile[(yy + offsets[self.cells, 0]) % n, (xx + offsets[self.cells, 1]) % n]
         noise = rng.normal(0.0, t.light_sigma, size=(self.height, self.width))
         dark_px = self.dark_cells[self.cells]
-        return np.where(dark_px, t.dark_amplitude * checker, noise).astype(np.float32)
+        return np.where(dark_px, t.dark_amplitude * pattern, noise).astype(np.float32)
 
     # -- values in the model's input space -----------------------------------------------------
     def _to_model_scale(self, unit: np.ndarray) -> np.ndarray:

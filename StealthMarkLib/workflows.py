@@ -122,7 +122,7 @@ def harmlessness_path(out: Path) -> Path:
 
 def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, out: str | Path, *,
               labels: str | Path | None = None, label: int | str | None = None, spec: str | Path | None = None,
-              steps: int = 300, device: str = "auto", logits: bool = False,
+              steps: int = 600, device: str = "auto", logits: bool = False,
               image_size: tuple[int, int] | None = None, config: EmbedConfig | None = None,
               progress: Progress | None = None) -> EmbedResult:
     """Watermark ``model_path`` with the key; write OUT in the input's format and the harmlessness JSON."""

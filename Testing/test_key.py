@@ -166,7 +166,7 @@ def test_save_is_atomic_and_load_round_trips(tmp_path, key):
 
 def test_round_trip_of_non_default_key(tmp_path):
     k = create_key("SM:ÄÖ-7", version=2, level="H", mask=6, mode="stamped", samples=50,
-                   seed=5, value_range=(-1.5, 2.5), base=0.4, dark_period=2, light_sigma=0.02)
+                   seed=5, value_range=(-1.5, 2.5), base=0.4, tile=3, light_sigma=0.02)
     loaded = load_key(k.save(tmp_path / "k.json"))
     assert loaded == k and loaded.commitment == k.commitment
     assert key_from_json(_saved_doc(k)) == k
@@ -226,8 +226,8 @@ def test_unknown_and_missing_fields(tmp_path, key):
 
 @pytest.mark.parametrize("section, name, value, words", [
     ("texture", "base", "0.5", "'texture.base' must be float"),
-    ("texture", "dark_period", True, "'texture.dark_period' must be int"),
-    ("texture", "dark_period", 1.0, "'texture.dark_period' must be int"),
+    ("texture", "tile", True, "'texture.tile' must be int"),
+    ("texture", "tile", 1.0, "'texture.tile' must be int"),
     ("texture", "seed", str(SEED + 1), "'texture.seed' must be int"),
     ("lime", "samples", "1000", "'lime.samples' must be int"),
     ("lime", "samples", True, "'lime.samples' must be int"),
@@ -323,7 +323,7 @@ def test_bad_trigger_mode(tmp_path, key):
     ("texture", "dark_amplitude", 0.0, "texture amplitudes"),
     ("texture", "dark_amplitude", 0.75, "texture amplitudes"),
     ("texture", "light_sigma", -0.1, "texture amplitudes"),
-    ("texture", "dark_period", 0, "period >= 1"),
+    ("texture", "tile", 1, "tile 2..16"),
     ("texture", "seed", -1, "seeds must be non-negative"),
     ("lime", "seed", 2**32, "seeds must be non-negative"),
     ("lime", "samples", 9, "lime.samples must be >= 10"),
