@@ -33,8 +33,14 @@ def refuse_overwriting_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
             raise InputError(f"refusing to write the output over an input file: {out}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str | None = None, private: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success rename it onto ``target``.
 
     ``suffix`` defaults to the target's full suffix (``.nii.gz`` stays ``.nii.gz``) so that writers that
@@ -50,6 +56,8 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     tmp_p = Path(tmp)
     try:
         yield tmp_p
+        # mkstemp makes owner-only files: keep that for secrets (keys), give others the usual permissions
+        os.chmod(tmp_p, 0o600 if private else 0o666 & ~_umask())
         os.replace(tmp_p, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -57,14 +65,15 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         raise
 
 
-def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(target) as tmp:
+def write_bytes_atomic(target: str | os.PathLike, data: bytes, private: bool = False) -> Path:
+    with atomic_path(target, private=private) as tmp:
         tmp.write_bytes(data)
     return Path(target)
 
 
-def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
-    return write_bytes_atomic(target, text.encode("utf-8"))
+def write_text_atomic(target: str | os.PathLike, text: str, private: bool = False) -> Path:
+    """Write ``text`` (UTF-8) atomically; ``private`` keeps the file readable by its owner only."""
+    return write_bytes_atomic(target, text.encode("utf-8"), private=private)
 
 
 @contextlib.contextmanager

@@ -122,7 +122,7 @@ class WatermarkKey:
 
     def save(self, path: str | os.PathLike) -> Path:
         doc = {**self.to_json(), "commitment": self.commitment}
-        return write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", private=True)
 
     def public_summary(self) -> dict[str, Any]:
         """What may appear in logs and reports: no seeds, no texture parameters, no payload beyond its length."""
