@@ -41,7 +41,9 @@ def _img_tag(data: bytes, alt: str) -> str:
 
 _VERDICT_TEXT = {
     "owned": "The model carries this key's watermark: its LIME attributions decode to the key's payload, "
-             "and agreement this high is practically impossible for a model that was never watermarked.",
+             "and agreement this high is practically impossible for a model that was never watermarked. "
+             "Caveat of this version: a watermark can also answer keys with other secret tiles, so compare "
+             "the key commitment and the date it was registered before attributing the model to one owner.",
     "not-owned": "No trace of this key's watermark: nothing decoded, and the module agreement is what a "
                  "model that knows nothing of the key gives by chance.",
     "inconclusive": "The evidence is mixed (a decode without strong agreement, or strong agreement without a "

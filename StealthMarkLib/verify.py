@@ -22,7 +22,7 @@ from .errors import InputError
 from .key import WatermarkKey
 from .lime_engine import LimeAttribution, LimeExplainer
 from .progress import Progress
-from .qr import decode, function_mask, module_agreement, repair
+from .qr import decode, module_agreement, repair
 
 #: p-value at or below which a decoded, matching payload makes the verdict ``owned``.
 ALPHA_OWNED = 1e-9
@@ -206,6 +206,3 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
     )
     return Verification(report, attributions, agg, observed)
 
-
-def data_module_count(key: WatermarkKey) -> int:
-    return int((~function_mask(key.qr)).sum())
