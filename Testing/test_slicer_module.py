@@ -167,9 +167,15 @@ def clean_model(sm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def key_file(sm, tmp_path_factory):
-    path = tmp_path_factory.mktemp("key") / "key.json"
-    commitment = sm.StealthMarkLogic(scene=slicer.vtkMRMLScene()).createKey(PAYLOAD, str(path))
-    return path, commitment
+    folder = tmp_path_factory.mktemp("key")
+    fresh = sm.StealthMarkLogic(scene=slicer.vtkMRMLScene()).createKey(PAYLOAD, str(folder / "fresh.json"))
+    from StealthMarkLib.key import create_key, load_key
+
+    assert load_key(folder / "fresh.json").commitment == fresh
+    # the models are embedded with a fixed key so that CI is deterministic (random keys: benchmarks/)
+    key = create_key(PAYLOAD, seed=20261128)
+    path = key.save(folder / "key.json")
+    return path, key.commitment
 
 
 @pytest.fixture(scope="module")
