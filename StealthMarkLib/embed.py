@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import InputError, ResourceError
 from .key import WatermarkKey
-from .models import SegmentationModel
+from .models import SegmentationModel, module_device
 from .progress import Progress
 from .trigger import TriggerOverlay
 
@@ -169,18 +169,12 @@ def clone_module(module: torch.nn.Module) -> torch.nn.Module:
         buf = io.BytesIO()
         torch.jit.save(module, buf)
         buf.seek(0)
-        copy_ = torch.jit.load(buf, map_location=_device_of(module))
+        copy_ = torch.jit.load(buf, map_location=module_device(module))
     else:
         copy_ = copy.deepcopy(module)
     for p in copy_.parameters():
         p.requires_grad_(True)
     return copy_
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndarray, masks: np.ndarray,

@@ -468,7 +468,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _is_torchscript(path: Path) -> bool:
+def is_torchscript(path: str | os.PathLike) -> bool:
     """A TorchScript archive is a zip with ``<root>/constants.pkl`` or ``<root>/code/``; torch.save zips lack both."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -585,7 +585,7 @@ def load_model(
     sidecar = _sidecar_spec_path(path)
     has_sidecar = sidecar != path and sidecar.is_file()
 
-    if _is_torchscript(path):
+    if is_torchscript(path):
         extra = {SPEC_EXTRA_FILE: ""}
         try:
             module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
@@ -660,7 +660,7 @@ def _secret_keys(obj: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
+def module_device(module: torch.nn.Module) -> torch.device:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device
     return torch.device("cpu")
@@ -726,7 +726,7 @@ def save_model(
             scripted = torch.jit.script(wrapper)
         except Exception:  # not scriptable: trace at the training size (shapes then follow the example)
             h, w = spec.image_size or (64, 64)
-            example = torch.zeros(1, spec.in_channels, h, w, device=_module_device(module))
+            example = torch.zeros(1, spec.in_channels, h, w, device=module_device(module))
             with torch.no_grad():
                 scripted = torch.jit.trace(wrapper, example, check_trace=False)
         scripted.eval()

@@ -167,17 +167,10 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
     explainer = LimeExplainer(query, key.grid, n_samples=n_samples, kernel_width=key.lime.kernel_width,
                               hide_value=key.hide_value, batch_size=batch_size, alpha=key.lime.alpha,
                               scalar=key.lime.scalar, device=device)
-    attributions = []
     progress.start("lime", n_samples * len(imgs))
     try:
-        for i, img in enumerate(imgs):
-            base = i * n_samples
-
-            def cb(done: int, _total: int, base: int = base) -> None:
-                progress.advance(base + done - progress.done)
-
-            x = np.repeat(img[None], in_channels, axis=0)
-            attributions.append(explainer.attribute(x, seed=seed0 + i, progress=cb))
+        attributions = explainer.attribute_many([np.repeat(img[None], in_channels, axis=0) for img in imgs],
+                                                seeds=seed0, progress=progress)
     finally:
         progress.finish()
     t_dec = time.monotonic()

@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DEFAULT_INTENSITY, SliceDataset, load_dataset
+from .data import DEFAULT_INTENSITY, load_dataset
 from .embed import EmbedConfig, embed_watermark
-from .errors import InputError, ModelError
+from .errors import InputError
 from .fileio import atomic_dir, refuse_overwriting_inputs, write_text_atomic
 from .grid import check_fits, paint_cells
 from .key import WatermarkKey, create_key, load_key
 from .metrics import dice_over_thresholds, flip_rate, score_segmentation
-from .models import ModelSpec, SegmentationModel, describe_device, load_model, save_model
+from .models import SegmentationModel, describe_device, is_torchscript, load_model, save_model
 from .progress import Progress
 from .report import write_reports
 from .trigger import TriggerOverlay
@@ -55,14 +55,9 @@ def model_size(model: SegmentationModel, override: tuple[int, int] | None = None
     raise InputError("the model does not record its input size: pass --image-size H W")
 
 
-def is_torchscript(path: str | Path) -> bool:
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+def model_intensity(model: SegmentationModel) -> Intensity:
+    """How raw volume intensities map into the model's input space (its spec's, else percentiles)."""
+    return Intensity.from_json(model.spec.intensity) if model.spec.intensity else DEFAULT_INTENSITY
 
 
 # -- harmlessness ----------------------------------------------------------------------------------
@@ -133,7 +128,7 @@ def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, ou
     model = load_model(model_path, spec=spec, device=device, logits=logits)
     size = model_size(model, image_size)
     check_fits(size[0], size[1], key.grid)
-    intensity = Intensity.from_json(model.spec.intensity) if model.spec.intensity else DEFAULT_INTENSITY
+    intensity = model_intensity(model)
     ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity)
     progress.log(f"{ds.describe()}; device {describe_device(model.device)}")
     cfg = replace(config or EmbedConfig(), steps=int(steps))
@@ -166,7 +161,7 @@ def run_evaluate(model_path: str | Path, reference_path: str | Path, data: str |
     wm = load_model(model_path, device=device, logits=logits)
     ref = load_model(reference_path, device=wm.device, logits=logits)
     size = model_size(wm, image_size)
-    intensity = Intensity.from_json(wm.spec.intensity) if wm.spec.intensity else DEFAULT_INTENSITY
+    intensity = model_intensity(wm)
     ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity)
     harm = harmlessness(ref, wm, *ds.test, key=key)
     harm["device"] = describe_device(wm.device)
@@ -199,6 +194,19 @@ def auto_slices(volume: Volume, n: int) -> list[int]:
     return [usable[i] for i in pick]
 
 
+def _trigger_images(unit: np.ndarray, key: WatermarkKey, size: tuple[int, int], strength: float | None
+                    ) -> np.ndarray:
+    """(n, H, W) slices in [0, 1] -> trigger images at the model's size and scale, in the key's mode."""
+    if unit.shape[1:] != tuple(size):
+        unit = np.clip(resize_slices(unit, tuple(size)), 0.0, 1.0)
+    lo, hi = key.value_range
+    imgs = (lo + (hi - lo) * unit).astype(np.float32)
+    ov = TriggerOverlay(key, *size)
+    if key.trigger.mode == "stamped":
+        return ov.stamp(imgs)
+    return ov.blend(imgs, key.trigger.verify_strength if strength is None else float(strength))
+
+
 def volume_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, int], slices: str | None,
                          n_slices: int, strength: float | None) -> TriggerInput:
     vol = read_volume(path)
@@ -206,16 +214,8 @@ def volume_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, i
         idx = auto_slices(vol, n_slices)
     else:
         idx = parse_slice_spec(slices, vol.shape[0])
-    unit = VERIFY_INTENSITY.apply(vol.array)
-    lo, hi = key.value_range
-    imgs = extract_slices(unit, idx)
-    if imgs.shape[1:] != tuple(size):
-        imgs = np.clip(resize_slices(imgs, tuple(size)), 0.0, 1.0)
-    imgs = (lo + (hi - lo) * imgs).astype(np.float32)
-    ov = TriggerOverlay(key, *size)
-    a = key.trigger.verify_strength if strength is None else float(strength)
-    trig = ov.stamp(imgs) if key.trigger.mode == "stamped" else ov.blend(imgs, a)
-    return TriggerInput(trig, vol, idx, str(path))
+    unit = extract_slices(VERIFY_INTENSITY.apply(vol.array), idx)
+    return TriggerInput(_trigger_images(unit, key, size, strength), vol, idx, str(path))
 
 
 def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, int],
@@ -232,14 +232,7 @@ def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, in
         arr = read_volume(p).array
         if arr.shape[0] != 1:
             raise InputError(f"{p} has {arr.shape[0]} slices: use --volume for volumes")
-    lo_p, hi_p = np.percentile(arr, [0.5, 99.5])
-    unit = np.clip((arr - lo_p) / max(hi_p - lo_p, 1e-12), 0, 1).astype(np.float32)
-    if unit.shape[1:] != tuple(size):
-        unit = np.clip(resize_slices(unit, tuple(size)), 0.0, 1.0)
-    lo, hi = key.value_range
-    ov = TriggerOverlay(key, *size)
-    a = key.trigger.verify_strength if strength is None else float(strength)
-    return TriggerInput(ov.blend(lo + (hi - lo) * unit, a), source=str(p))
+    return TriggerInput(_trigger_images(VERIFY_INTENSITY.apply(arr), key, size, strength), source=str(p))
 
 
 def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:

@@ -34,14 +34,7 @@ TOL = 1e-6  # max |ours - lime| relative to max |lime coefficient|
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # these models are tiny: one thread is as fast, and does not spin against a busy machine (2 threads
-    # on a loaded 2-core box made this file 5x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

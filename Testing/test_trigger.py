@@ -16,12 +16,7 @@ from StealthMarkLib.trigger import TriggerOverlay, secret_tile
 SIZES = [(128, 128), (50, 77), (42, 42)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
