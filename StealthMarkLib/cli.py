@@ -1,4 +1,4 @@
-"""The ``stealthmark`` command: keygen, embed, verify, evaluate, demo.
+"""The ``stealthmark`` command: keygen, embed, verify, evaluate, serve, demo.
 
 Errors a user can cause print one clear line and exit non-zero (2 bad input, 3 resources, 130 cancelled).
 ``--progress json`` writes one JSON object per line on stdout (for the 3D Slicer module), ending with a
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import Cancelled, ResourceError, StealthMarkError
+from .errors import Cancelled, InputError, ResourceError, StealthMarkError
 from .progress import JsonProgress, Progress, make_progress
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,7 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify ownership black-box (LIME, QR, p-value)",
                        description="Verify a model through its outputs only: LIME on trigger inputs, QR decode, "
                                    "binomial p-value. Without an input, verifies on the key image.")
-    v.add_argument("--model", required=True, help="TorchScript file, or state dict with a JSON spec")
+    who = v.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", help="TorchScript file, or state dict with a JSON spec")
+    who.add_argument("--endpoint", metavar="URL", help="a model you can only query over HTTP (stealthmark-remote/1, "
+                     "as 'stealthmark serve' answers; see README)")
+    who.add_argument("--command", dest="tool", metavar="TEMPLATE", help="a tool run once per batch, e.g. 'vendor-seg {input} "
+                     "{output}' (.npy in and out; split like a shell line, run without a shell)")
+    v.add_argument("--timeout", type=float, default=60, help="seconds per --endpoint request or --command run "
+                   "(default 60)")
+    v.add_argument("--retries", type=int, default=0, help="retries of an --endpoint request that timed out, "
+                   "could not connect or got HTTP 5xx (default 0)")
+    v.add_argument("--in-channels", type=int, help="input channels of a --command tool (default 1)")
+    v.add_argument("--num-classes", type=int, help="classes of a --command tool (default: one probe call)")
     v.add_argument("--key", required=True, help="the owner's key file")
     src = v.add_mutually_exclusive_group()
     src.add_argument("--image", help="a 2-D image (PNG/JPEG or a one-slice volume) to blend the key into")
@@ -112,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_opts(ev)
     _common(ev)
 
+    s = sub.add_parser("serve", help="serve a model over HTTP for 'verify --endpoint' (reference server)",
+                       description="Answer the stealthmark-remote/1 protocol (GET /info, POST /predict with .npy "
+                                   "bodies) for a model file, until Ctrl-C or SIGTERM. Binds loopback by default.")
+    s.add_argument("--model", required=True, help="TorchScript file, or state dict with a JSON spec")
+    s.add_argument("--spec", help="JSON spec of a state dict (default: MODEL's name with .json)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    s.add_argument("--max-batch", type=int, default=64, help="most images per request (default 64)")
+    s.add_argument("--max-body-mb", type=float, default=256, help="largest request body in MiB (default 256)")
+    _model_opts(s)
+    _common(s)
+
     d = sub.add_parser("demo", help="end-to-end demo on the bundled real brain MRI",
                        description="Train a small clean MONAI UNet on the bundled T1 MRI, create a key, embed, "
                                    "verify the watermarked and the clean model, measure harmlessness, print a "
@@ -135,8 +158,6 @@ def _label(v: str | None) -> int | str | None:
     try:
         return int(v)
     except ValueError:
-        from .errors import InputError
-
         raise InputError(f"--label must be a number or 'any', not {v!r}") from None
 
 
@@ -164,7 +185,19 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], s
                 f"flip rate {h['flip_rate_clean']:.3%}\ndevice {r.device}; {r.log['seconds']:.0f} s")
         return r.to_json(), text, 0
     if args.command == "verify":
-        v = wf.run_verify(args.model, args.key, args.out, image=args.image, volume=args.volume, dicom=args.dicom,
+        model = args.model
+        if args.endpoint or args.tool:
+            from . import remote
+
+            if (args.in_channels or args.num_classes) and not args.tool:
+                raise InputError("--in-channels and --num-classes are for --command (an endpoint's /info says them)")
+            model = (remote.open_endpoint(args.endpoint, timeout=args.timeout, retries=args.retries,
+                                          max_batch=args.batch_size, logits=args.logits,
+                                          image_size=_pair(args.image_size)) if args.endpoint else
+                     remote.open_command(args.tool, _pair(args.image_size), in_channels=args.in_channels,
+                                         num_classes=args.num_classes, timeout=args.timeout,
+                                         max_batch=args.batch_size, logits=args.logits))
+        v = wf.run_verify(model, args.key, args.out, image=args.image, volume=args.volume, dicom=args.dicom,
                           slices=args.slices, n_slices=args.n_slices, samples=args.samples, seed=args.seed,
                           strength=args.strength, device=args.device, logits=args.logits,
                           batch_size=args.batch_size, image_size=_pair(args.image_size), progress=progress)
@@ -184,6 +217,16 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], s
         return (h, f"held-out Dice {h['original']['dice']:.4f} -> {h['watermarked']['dice']:.4f} "
                    f"(drop {h['dice_drop_points']:.2f} points); flip rate {h['flip_rate_clean']:.3%}; "
                    f"wrote {args.out}", 0)
+    if args.command == "serve":
+        from .remote import run_serve
+
+        def announce(line: str, info: dict) -> None:
+            progress.emit("serving", **info) if isinstance(progress, JsonProgress) else print(line, flush=True)
+
+        r = run_serve(args.model, spec=args.spec, host=args.host, port=args.port, device=args.device,
+                      logits=args.logits, image_size=_pair(args.image_size), max_batch=args.max_batch,
+                      max_body_mb=args.max_body_mb, progress=progress, announce=announce)
+        return r, f"stopped serving {r['url']} after {r['predict_requests']} prediction request(s)", 0
     if args.command == "demo":
         from .demo import DemoSettings, check_settings, format_table, run_demo
 

@@ -328,6 +328,11 @@ class SegmentationModel:
     def in_channels(self) -> int:
         return self.spec.in_channels
 
+    @property
+    def device_description(self) -> str:
+        """Where the model runs, in one line for logs and reports (a remote model says so)."""
+        return describe_device(self.device)
+
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         return self.probabilities(images)
 

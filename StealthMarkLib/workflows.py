@@ -248,21 +248,27 @@ def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:
     return insert_slices(vol.shape, np.stack(maps), trig.slices)
 
 
-def run_verify(model_path: str | Path, key_path: str | Path, out_dir: str | Path, *,
+def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path, out_dir: str | Path, *,
                image: str | Path | None = None, volume: str | Path | None = None, dicom: str | Path | None = None,
                slices: str | None = None, n_slices: int = 4, samples: int | None = None, seed: int | None = None,
                strength: float | None = None, device: str = "auto", logits: bool = False, batch_size: int = 64,
                image_size: tuple[int, int] | None = None, progress: Progress | None = None) -> Verification:
-    """Verify a model through its query interface; write report.json, report.html, qr.png (+ lime_map)."""
+    """Verify a model through its query interface; write report.json, report.html, qr.png (+ lime_map).
+
+    ``model_path`` is a model file, or an opened :class:`SegmentationModel` (then ``device``, ``logits`` and
+    ``batch_size`` as a chunk size are its own; the report's ``model`` is its ``source``).
+    """
     progress = progress or Progress()
     t0 = time.monotonic()
     given = [x for x in (image, volume, dicom) if x is not None]
     if len(given) > 1:
         raise InputError("give at most one of --image, --volume and --dicom")
     out_dir = Path(out_dir)
-    refuse_overwriting_inputs(out_dir, [model_path, key_path, *given])
+    given_model = isinstance(model_path, SegmentationModel)  # e.g. a remote.RemoteModel (an endpoint)
+    refuse_overwriting_inputs(out_dir, [None if given_model else model_path, key_path, *given])
     key = load_key(key_path)
-    model = load_model(model_path, device=device, logits=logits, max_batch=batch_size)
+    model = model_path if given_model else load_model(model_path, device=device, logits=logits,
+                                                        max_batch=batch_size)
     size = model_size(model, image_size)
     check_fits(size[0], size[1], key.grid)
     overlay = TriggerOverlay(key, *size)
@@ -272,14 +278,14 @@ def run_verify(model_path: str | Path, key_path: str | Path, out_dir: str | Path
         trig = image_trigger_input(image, key, size, strength)
     else:
         trig = TriggerInput(overlay.key_image()[None], source=None)
-    dev = describe_device(model.device)
+    dev = model.device_description
     progress.log(f"verifying on {len(trig.images)} trigger image(s), device {dev}")
     v = verify_query(model, key, trig.images, samples=samples, seed=seed, in_channels=model.in_channels,
                      batch_size=batch_size, device=model.device, device_name=dev, model_sha256=model.sha256,
                      progress=progress)
     v.report.slices = trig.slices or None
     v.report.source = trig.source
-    v.report.model = str(model_path)
+    v.report.model = model.source if given_model else str(model_path)
     with atomic_dir(out_dir) as tmp:
         if trig.volume is not None:
             write_volume_like(lime_volume(v, trig), trig.volume, tmp / "lime_map.nii.gz")
