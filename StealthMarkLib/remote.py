@@ -478,8 +478,11 @@ def make_server(model: SegmentationModel, host: str = "127.0.0.1", port: int = 8
         model.probabilities(np.zeros((1, model.in_channels, *size), dtype=np.float32))
         model.spec_known = True
     handler = type("_QuietHandler", (_Handler,), {"log_message": lambda *a: None}) if quiet else _Handler
+    server_cls = ThreadingHTTPServer
+    if ":" in host:  # an IPv6 address such as ::1
+        server_cls = type("_ServerV6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
     try:
-        server = ThreadingHTTPServer((host, int(port)), handler)
+        server = server_cls((host, int(port)), handler)
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --host or "
                          "--port") from None
