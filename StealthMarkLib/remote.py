@@ -371,6 +371,7 @@ def open_command(template: str, image_size: tuple[int, int] | None, *, in_channe
         raise InputError(f"--num-classes must be at least 2, not {num_classes}")
     transport = CommandTransport(template, timeout)
     if num_classes is None:
+        transport.num_classes = 256  # the size limit of the answer, before K is known
         probe = transport.ask(np.zeros((1, c, *image_size), dtype=np.float32))
         num_classes = max(2, int(probe.shape[1]))
     transport.num_classes = num_classes
