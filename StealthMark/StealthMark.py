@@ -65,6 +65,8 @@ REQUIREMENTS = (
     "nibabel>=5",
     "pydicom>=2.4",
     "tqdm>=4.60",
+    "onnx>=1.16",
+    "onnxruntime>=1.18",
 )
 # Slicer's SimpleITK is built with Slicer's own IO; replacing it from PyPI breaks Slicer.
 NEVER_INSTALL = ("SimpleITK",)
