@@ -244,7 +244,7 @@ def embedded(tmp_path_factory):
         sub = root / ("zip" if zipped else "dir")
         sub.mkdir()
         extra = {} if zipped else {"models/model.onnx": b"an unwatermarked copy"}
-        src, _ = make_bundle(sub, zipped, "pt" if zipped else "both", extra=extra)
+        src, _ = make_bundle(sub, zipped, "ts" if zipped else "both", extra=extra)
         dest = sub / ("wm_bundle.zip" if zipped else "wm_bundle")
         rc = cli("embed", "--model", src, "--data", t1, "--labels", mask, "--label", "any", "--key", key,
                  "--out", dest, "--steps", 3, "--device", "cpu")
@@ -297,6 +297,11 @@ def test_embedded_zip_bundle_keeps_top_folder(embedded, tmp_path):
         meta = json.loads(b.read("tiny_bundle/configs/metadata.json"))
     assert meta["version"] == "0.2.4" and "stealthmark" in meta
     assert load_model(dest, device="cpu").spec.image_size == [SIZE, SIZE]
+    key = embedded[1]
+    assert cli("verify", "--model", dest, "--key", key, "--out", tmp_path / "rep", "--samples", 30,
+               "--device", "cpu") == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["model"] == str(dest) and report["n_queries"] >= 30
 
 
 def test_watermarked_metadata_passes_monai_verify_metadata(embedded, tmp_path):
