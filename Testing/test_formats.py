@@ -402,3 +402,30 @@ def test_folder_without_bundle_files_is_not_a_bundle(tmp_path):
     assert not is_bundle(tmp_path)
     with pytest.raises(ModelError, match="not a MONAI bundle"):
         load_model(tmp_path, device="cpu")
+
+
+class Unscriptable(torch.nn.Module):
+    def forward(self, x, *rest):  # varargs: torch.jit.script refuses it
+        return x
+
+
+def test_write_bundle_replaces_an_earlier_bundle_and_fails_cleanly(tmp_path):
+    from StealthMarkLib.bundle import plan_bundle_output, stealthmark_block, write_bundle
+
+    src, net = make_bundle(tmp_path, model="both")
+    spec = load_model(src, device="cpu").spec
+    block = stealthmark_block("c0" * 32, {"steps": 1}, "test data", spec)
+    out = tmp_path / "out_bundle"
+    write_bundle(plan_bundle_output(src, out), net, spec, block)
+    first = json.loads((out / "configs/metadata.json").read_text())
+    (out / "models/stale.txt").write_text("from the earlier run")
+    write_bundle(plan_bundle_output(src, out), net, spec, dict(block, key_commitment="d1" * 32))
+    again = json.loads((out / "configs/metadata.json").read_text())
+    assert first["stealthmark"]["key_commitment"] != again["stealthmark"]["key_commitment"]
+    assert not (out / "models/stale.txt").exists() and leftovers(tmp_path) == []
+    with pytest.raises(ModelError, match="cannot be written as TorchScript"):
+        write_bundle(plan_bundle_output(src, tmp_path / "never"), Unscriptable(), spec, block)
+    assert not (tmp_path / "never").exists() and leftovers(tmp_path) == []
+    with pytest.raises(ModelError, match="key material"):
+        write_bundle(plan_bundle_output(src, tmp_path / "never"), net, spec, dict(block, seed=1))
+    assert not (tmp_path / "never").exists()
