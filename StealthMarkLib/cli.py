@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="watermark a model by fine-tuning",
                        description="Fine-tune a copy of a model so that the key's trigger spells the QR in its "
                                    "uncertainty; writes OUT in the input's format and OUT's harmlessness JSON.")
-    e.add_argument("--model", required=True, help="TorchScript file, or state dict with a JSON spec")
+    e.add_argument("--model", required=True, help="TorchScript file, state dict with a JSON spec, or MONAI bundle "
+                   "(folder or .zip; OUT is then a bundle of the same layout)")
     e.add_argument("--spec", help="JSON spec of a state dict (default: MODEL's name with .json)")
     _data_opts(e)
     e.add_argument("--key", required=True, help="the key file from 'stealthmark keygen'")
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Verify a model through its outputs only: LIME on trigger inputs, QR decode, "
                                    "binomial p-value. Without an input, verifies on the key image.")
     who = v.add_mutually_exclusive_group(required=True)
-    who.add_argument("--model", help="TorchScript file, or state dict with a JSON spec")
+    who.add_argument("--model", help="TorchScript file, state dict with a JSON spec, MONAI bundle (folder or .zip) "
+                     "or ONNX file")
     who.add_argument("--endpoint", metavar="URL", help="a model you can only query over HTTP (stealthmark-remote/1, "
                      "as 'stealthmark serve' answers; see README)")
     who.add_argument("--command", dest="tool", metavar="TEMPLATE", help="a tool run once per batch, e.g. 'vendor-seg {input} "

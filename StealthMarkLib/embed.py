@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError, ResourceError
+from .errors import InputError, ModelError, ResourceError
 from .key import WatermarkKey
 from .models import SegmentationModel, module_device
 from .progress import Progress
@@ -190,6 +190,8 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     Returns:
         The watermarked module (in eval mode) and a log of the run.
     """
+    if getattr(model, "verify_only", None):
+        raise ModelError(model.verify_only)
     cfg = config or EmbedConfig()
     progress = progress or Progress()
     images = np.asarray(images, dtype=np.float32)

@@ -30,7 +30,8 @@ from monai.networks import nets as monai_nets
 from .errors import InputError, ModelError, ResourceError, StealthMarkError
 from .fileio import atomic_path, refuse_overwriting_inputs
 
-EXPECTED = "a TorchScript file or a PyTorch state dict with a JSON spec"
+EXPECTED = ("a TorchScript file or a PyTorch state dict with a JSON spec; or a MONAI bundle (folder or .zip); "
+            "or an ONNX file (verification only)")
 SPEC_EXTRA_FILE = "stealthmark.json"
 HEADS = ("softmax", "sigmoid", "probabilities")
 NETWORKS: dict[str, type[torch.nn.Module]] = {
@@ -312,9 +313,11 @@ class SegmentationModel:
         self.spec_known = True
         self._classes_learnt = False
         self._chunk = max_batch  # shrinks after an out-of-memory error and stays small
+        # a message when the model can be queried but not fine-tuned (ONNX), else None
+        self.verify_only: str | None = None
 
     def __repr__(self) -> str:
-        what = self.spec.network or "TorchScript"
+        what = self.spec.network or ("ONNX" if self.verify_only else "TorchScript")
         return (
             f"SegmentationModel({what}, head={self.spec.head!r}, in_channels={self.in_channels}, "
             f"num_classes={self.num_classes}, device={self.device}, source={self.source!r})"
@@ -571,8 +574,11 @@ def load_model(
     max_batch: int = 32,
     logits: bool = False,
 ) -> SegmentationModel:
-    """Load a TorchScript file or a state dict (+ JSON spec) as a :class:`SegmentationModel`.
+    """Load a TorchScript file, a state dict (+ JSON spec), a MONAI bundle or an ONNX file as a
+    :class:`SegmentationModel`.
 
+    MONAI bundle (a folder or .zip with ``configs/metadata.json``): see :mod:`StealthMarkLib.bundle`.
+    ONNX (``.onnx``, verification only): see :mod:`StealthMarkLib.onnx_model`.
     TorchScript: the spec is the archive's ``stealthmark.json`` extra file, else ``spec``, else a
     ``<stem>.json`` beside it, else a default (head ``probabilities``, K learnt from the first answer).
     State dict: the spec is ``spec``, else ``<stem>.json`` beside the file; it is required.
@@ -580,8 +586,13 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file not found: {path} (expected {EXPECTED})")
+    from .bundle import is_bundle, load_bundle
+
+    if is_bundle(path):
+        return load_bundle(path, spec=spec, device=device, max_batch=max_batch, logits=logits)
     if path.is_dir():
-        raise ModelError(f"{path} is a directory; expected {EXPECTED}")
+        raise ModelError(f"{path} is a directory without configs/metadata.json (not a MONAI bundle); "
+                         f"expected {EXPECTED}")
     if path.stat().st_size == 0:
         raise ModelError(f"{path} is empty; expected {EXPECTED}")
     dev = resolve_device(device)
@@ -589,6 +600,11 @@ def load_model(
     sha = file_sha256(path)
     sidecar = _sidecar_spec_path(path)
     has_sidecar = sidecar != path and sidecar.is_file()
+
+    from .onnx_model import is_onnx, load_onnx
+
+    if is_onnx(path):
+        return load_onnx(path, given, dev, max_batch, logits, sha, sidecar if has_sidecar else None)
 
     if is_torchscript(path):
         extra = {SPEC_EXTRA_FILE: ""}

@@ -18,12 +18,14 @@ import torch
 
 from .data import DEFAULT_INTENSITY, load_dataset
 from .embed import EmbedConfig, embed_watermark
-from .errors import InputError
+from .bundle import is_bundle, plan_bundle_output, stealthmark_block, write_bundle
+from .errors import InputError, ModelError
 from .fileio import atomic_dir, refuse_overwriting_inputs, write_text_atomic
 from .grid import check_fits, paint_cells
 from .key import WatermarkKey, create_key, load_key
 from .metrics import dice_over_thresholds, flip_rate, score_segmentation
 from .models import SegmentationModel, describe_device, is_torchscript, load_model, save_model
+from .onnx_model import VERIFY_ONLY, is_onnx
 from .progress import Progress
 from .report import write_reports
 from .trigger import TriggerOverlay
@@ -120,10 +122,18 @@ def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, ou
               steps: int = 600, device: str = "auto", logits: bool = False,
               image_size: tuple[int, int] | None = None, config: EmbedConfig | None = None,
               progress: Progress | None = None) -> EmbedResult:
-    """Watermark ``model_path`` with the key; write OUT in the input's format and the harmlessness JSON."""
+    """Watermark ``model_path`` with the key; write OUT in the input's format and the harmlessness JSON.
+
+    A MONAI bundle (folder or zip) gives a bundle of the same layout (see :mod:`StealthMarkLib.bundle`);
+    an ONNX file is refused (verification only).
+    """
     progress = progress or Progress()
     out = Path(out)
     refuse_overwriting_inputs(out, [model_path, key_path, data, labels, spec])
+    if is_onnx(model_path):
+        raise ModelError(VERIFY_ONLY)
+    # a bundle and OUT are checked before any work: a bad bundle or OUT writes nothing
+    plan = plan_bundle_output(model_path, out) if is_bundle(model_path) else None
     key = load_key(key_path)
     model = load_model(model_path, spec=spec, device=device, logits=logits)
     size = model_size(model, image_size)
@@ -143,8 +153,15 @@ def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, ou
     meta["stealthmark"] = {"key_commitment": key.commitment, "embedded": datetime.now(timezone.utc).isoformat(),
                            "training": log.to_json(), "data": ds.describe()}
     new_spec = replace(model.spec, metadata=meta, image_size=list(size), intensity=intensity.to_json())
-    fmt = "torchscript" if is_torchscript(model_path) else "state_dict"
-    save_model(watermarked, out, new_spec, fmt=fmt, refuse=[model_path, key_path, data, labels, spec])
+    if plan is not None:
+        fmt = "monai_bundle"
+        block = stealthmark_block(key.commitment, log.to_json(), ds.describe(), new_spec)
+        write_bundle(plan, watermarked.module, replace(new_spec, metadata={}), block)
+        if plan.dropped:
+            progress.log(f"not carried into {out} (unwatermarked weight files): {', '.join(plan.dropped)}")
+    else:
+        fmt = "torchscript" if is_torchscript(model_path) else "state_dict"
+        save_model(watermarked, out, new_spec, fmt=fmt, refuse=[model_path, key_path, data, labels, spec])
     hpath = harmlessness_path(out)
     write_text_atomic(hpath, json.dumps(harm, indent=2) + "\n")
     return EmbedResult(model=str(out), format=fmt, harmlessness_file=str(hpath), harmlessness=harm,
