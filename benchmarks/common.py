@@ -40,12 +40,13 @@ from StealthMarkLib.data import DEFAULT_INTENSITY, SliceDataset, load_dataset  #
 from StealthMarkLib.errors import InputError  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
 from StealthMarkLib.key import WatermarkKey, create_key, load_key  # noqa: E402
-from StealthMarkLib.models import (ModelSpec, SegmentationModel, describe_device, load_model,  # noqa: E402,F401
+from StealthMarkLib.models import (ModelSpec, SegmentationModel, describe_device, load_model,  # noqa: E402
                                    resolve_device, save_model)
 from StealthMarkLib.sample_data import SAMPLE_LABEL, sample_paths, sample_split  # noqa: E402
 from StealthMarkLib.train import demo_spec, dice_loss, train_segmentation  # noqa: E402
 from StealthMarkLib.verify import ALPHA_OWNED, binomial_p_value, verify_query  # noqa: E402
 
+REEXPORTED = (resolve_device, SegmentationModel)   # the studies use them as common.resolve_device, ...
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
 #: the published benchmark key: its seed is public, so never use it to protect a real model
