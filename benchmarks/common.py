@@ -128,9 +128,10 @@ def environment(device: torch.device) -> dict[str, Any]:
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
-def write_json(path: Path, doc: dict) -> Path:
+def write_json(path: Path, doc: dict, quiet: bool = False) -> Path:
     write_text_atomic(path, json.dumps(doc, indent=2, default=_json_default, allow_nan=True) + "\n")
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 

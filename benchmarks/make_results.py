@@ -115,6 +115,8 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def provenance(doc: dict) -> str:
     st, env = doc.get("settings", {}), doc.get("environment", {})
     smoke = " **SMOKE RUN (tiny sizes): not real figures**" if st.get("smoke") else ""
+    if doc.get("complete") is False:
+        smoke += " **INCOMPLETE: the run stopped early; only the parts shown were measured**"
     return (f"_{env.get('device', '?')}, {env.get('cpu', '?')}, torch {env.get('torch', '?')}; "
             f"{st.get('size', '?')}x{st.get('size', '?')} px, UNet {st.get('channels', '?')}, "
             f"{st.get('samples', '?')} LIME samples, {st.get('trials', '?')} trials._{smoke}")

@@ -55,6 +55,7 @@ class Query:
 
     def __init__(self, model: Callable, pre: Callable | None = None, post: Callable | None = None) -> None:
         self.model, self.pre, self.post = model, pre, post
+        self.device = getattr(model, "device", None)   # where LIME builds its masked images
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -183,6 +184,14 @@ def main(argv=None) -> int:
     only = set(a.only.split(",")) if a.only else None
     work = Path(tempfile.mkdtemp(prefix="sm-robust-"))
     records: list[dict] = []
+    res = {"study": "robustness", "complete": False, "settings": st.to_json(), "environment": C.environment(dev),
+           "key": key.public_summary(), "model": owner["clean_spec"].label + ", embed seed 0",
+           "trigger_inputs": [n for n, _ in inputs],
+           "records": records,
+           "notes": ["label-only outputs are expected to defeat verification: the watermark lives in the "
+                     "model's uncertainty, which one-hot labels remove",
+                     "int8: torch's dynamic quantisation covers nn.Linear only (none in these conv nets); the "
+                     "conv weights are tested with a weight-only int8 fake quantisation instead"]}
 
     def fresh() -> SegmentationModel:
         return C.load(wm_path, st.device)
@@ -199,13 +208,14 @@ def main(argv=None) -> int:
             records.append(rec)
             print(f"{attack:12s} {setting:34s} not run: {rec['error'][:120]}")
             return
-        qdev = info.pop("_device", None) or (query.device if isinstance(query, SegmentationModel) else None)
+        qdev = info.pop("_device", None) or getattr(query, "device", None)
         trials = C.run_trials(query, key, inputs, st.samples, seed=7000, device=qdev)
         rec.update({"asr": C.asr(trials), "dice": C.held_out_dice(query, st.size),
                     "mean_agreement": float(np.mean([t["agreement"] for t in trials])),
                     "owned_rate": C.owned_rate(trials), **info, "seconds": round(time.monotonic() - t0, 1),
                     "trials": trials})
         records.append(rec)
+        C.write_json(st.out_dir / "robustness.json", res, quiet=True)    # after every attack: a stopped run keeps its records
         print(f"{attack:12s} {setting:34s} ASR {rec['asr']:.2f}  Dice {rec['dice']:.4f}  agreement "
               f"{rec['mean_agreement']:.3f}")
 
@@ -290,15 +300,7 @@ def main(argv=None) -> int:
     record("label-only", "one-hot argmax (expected to fail)", lambda: (Query(fresh(), post=label_only), {
         "note": "label-only outputs carry no uncertainty, so the QR cannot be read: expected to fail"}))
 
-    res = {"study": "robustness", "settings": st.to_json(), "environment": C.environment(dev),
-           "key": key.public_summary(), "model": owner["clean_spec"].label + ", embed seed 0",
-           "trigger_inputs": [n for n, _ in inputs],
-           "records": records,
-           "notes": ["label-only outputs are expected to defeat verification: the watermark lives in the "
-                     "model's uncertainty, which one-hot labels remove",
-                     "int8: torch's dynamic quantisation covers nn.Linear only (none in these conv nets); the "
-                     "conv weights are tested with a weight-only int8 fake quantisation instead"]}
-
+    res["complete"] = True
     plt = C.pyplot()
     ok = [r for r in records if r["asr"] is not None]
     if plt is not None and ok:

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     steps = a.steps or (5 if st.smoke else 100)
     qe_ns = ints(a.qe_samples) if a.qe_samples else ([20, 40] if st.smoke else [100, 200, 300, 500, 750, 1000])
     qe_trials = a.qe_trials or (2 if st.smoke else 20)
-    res: dict = {"study": "speed", "settings": st.to_json(), "environment": C.environment(dev)}
+    res: dict = {"study": "speed", "complete": False, "settings": st.to_json(), "environment": C.environment(dev)}
     tmp = Path(tempfile.mkdtemp(prefix="sm-speed-"))
 
     # 1. LIME engine vs the lime package
@@ -82,6 +82,8 @@ def main(argv=None) -> int:
                        "overhead_fraction_range": [min(r["ours"]["overhead_fraction"] for r in runs),
                                                    max(r["ours"]["overhead_fraction"] for r in runs)]}
 
+    C.write_json(st.out_dir / "speed.json", res, quiet=True)   # a stopped run keeps the parts done
+
     # 2. embedding vs plain fine-tuning, same clean model and steps
     if "embed" not in skip:
         from StealthMarkLib.embed import EmbedConfig
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
                                 k: cfg.get(k) for k in ("clean_batch", "trigger_batch", "decoys_per_batch")}},
                             "model": owner["clean_spec"].label}
 
+    C.write_json(st.out_dir / "speed.json", res, quiet=True)   # a stopped run keeps the parts done
+
     # 3. query efficiency
     if "queries" not in skip:
         key, _ = C.benchmark_key(st.cache)
@@ -119,6 +123,8 @@ def main(argv=None) -> int:
         res["query_efficiency"] = {"rows": rows, "trials_per_n": qe_trials,
                                    "min_samples_for_95pct": min(ok) if ok else None,
                                    "note": None if ok else f"no N in {qe_ns} decoded in >= 95% of trials"}
+
+    C.write_json(st.out_dir / "speed.json", res, quiet=True)   # a stopped run keeps the parts done
 
     plt = C.pyplot()
     if plt is not None and ("lime" in res or "query_efficiency" in res):
@@ -144,6 +150,7 @@ def main(argv=None) -> int:
             axes[1].set_title("Query efficiency", fontsize=9)
         fig.suptitle(C.describe_device(dev), fontsize=9)
         res["figure"] = C.save_figure(fig, st.out_dir / "speed_query_efficiency.png")
+    res["complete"] = True
     C.write_json(st.out_dir / "speed.json", res)
     return 0
 
