@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, default=25, help="G, cells per side")
     p.add_argument("--samples", type=int, default=1000, help="LIME samples N")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    p.add_argument("--channels", default="16,32,64,128,256", help="UNet channels (strides 2)")
     p.add_argument("--seed", type=int, default=0, help="model, image and sampler seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     else:
         device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    net = UNet(2, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2).to(device).eval()
+    channels = tuple(int(c) for c in args.channels.split(","))
+    net = UNet(2, 1, 2, channels, (2,) * (len(channels) - 1), num_res_units=2).to(device).eval()
     n_params = sum(p.numel() for p in net.parameters())
     rng = np.random.default_rng(args.seed)
     yy, xx = np.mgrid[0 : args.size, 0 : args.size] / args.size
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     result = {
         "config": {"size": args.size, "grid": args.grid, "samples": args.samples, "batch": args.batch,
                    "seed": args.seed, "hide_value": "mean", "scalar": "entropy"},
-        "model": {"name": "monai.networks.nets.UNet(2, 1, 2, (16,32,64,128,256), (2,2,2,2), num_res_units=2)",
+        "model": {"name": f"monai.networks.nets.UNet(2, 1, 2, {channels}, strides 2, num_res_units=2)",
                   "parameters": n_params},
         "environment": {
             "device": str(device),

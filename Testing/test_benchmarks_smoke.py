@@ -1,0 +1,142 @@
+"""Smoke runs of the benchmark suite (issue 5), so that the studies cannot rot.
+
+Studies 1 and 2 run in this process (their ``main`` with ``--smoke``); studies 3 and 5 run through
+``benchmarks/gpu.sh --smoke`` (its CPU dry run), all sharing one model cache in a temporary folder; then
+``make_results.py`` collects them. Real MONAI models, real LIME and real QR decoding at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import make_results  # noqa: E402
+
+ATTACKS = {"none", "finetune", "prune", "fp16", "int8", "torchscript", "onnx", "input-noise", "input-blur",
+           "temperature", "round", "label-only"}
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, one_torch_thread):
+    import harmlessness
+    import null_calibration
+
+    tmp = tmp_path_factory.mktemp("bench")
+    out, cache = tmp / "results", tmp / "cache"
+    common = ["--smoke", "--out-dir", str(out), "--cache", str(cache)]
+    assert null_calibration.main(common) == 0
+    assert harmlessness.main(common) == 0
+    env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(out), "CACHE_DIR": str(cache)}
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--smoke"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert make_results.main(["--results-dir", str(out)]) == 0
+    return out
+
+
+def test_every_study_writes_its_json_and_plot(results):
+    for name in ("null_calibration", "harmlessness", "robustness", "speed"):
+        doc = json.loads((results / f"{name}.json").read_text())
+        assert doc["settings"]["smoke"] is True and doc["environment"]["device"].startswith("cpu")
+        png = results / doc["figure"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_null_calibration_figures(results):
+    doc = json.loads((results / "null_calibration.json").read_text())
+    assert {m["arch"] for m in doc["null"]} == {"UNet", "SegResNet"}
+    rule = doc["decision_rule"]
+    assert rule["alpha_owned"] == 1e-9 and 0.5 < rule["agreement_threshold"] < 1
+    ns = doc["null_summary"]
+    assert ns["verifications"] == 4 and ns["false_positives"] == 0 and 0 <= ns["false_positive_rate"] <= 1
+    assert len(doc["wrong_keys"]) == 4
+    assert [t["same_payload"] for t in doc["wrong_keys"]] == [True, False, True, False]
+    # no secret key material in the results
+    assert "seed" not in json.dumps(doc["key"])
+
+
+def test_robustness_records_every_attack(results):
+    doc = json.loads((results / "robustness.json").read_text())
+    recs = doc["records"]
+    assert {r["attack"] for r in recs} == ATTACKS
+    for r in recs:
+        assert "error" not in r, r
+        assert 0 <= r["asr"] <= 1 and 0 <= r["dice"] <= 1 and 0 <= r["mean_agreement"] <= 1
+        assert len(r["trials"]) == 2
+    prune = next(r for r in recs if r["attack"] == "prune")
+    assert abs(prune["conv_weight_sparsity"] - 0.5) < 0.01
+    label = next(r for r in recs if r["attack"] == "label-only")
+    assert label["asr"] == 0.0 and all(t["decoded"] is None for t in label["trials"])
+    onnx = next(r for r in recs if r["attack"] == "onnx")
+    wm = next(r for r in recs if r["setting"] == "watermarked model, no attack")
+    assert abs(onnx["dice"] - wm["dice"]) < 1e-3       # the export round trip keeps the model
+
+
+def test_speed_figures(results):
+    doc = json.loads((results / "speed.json").read_text())
+    for run in doc["lime"]["runs"]:
+        assert run["max_relative_coefficient_difference"] < 1e-6     # the same LIME as the package
+        assert run["ours"]["seconds_total"] > 0 and run["lime"]["seconds_total"] > 0
+    assert doc["embedding"]["ratio_embed_over_finetune"] > 0
+    assert [r["samples"] for r in doc["query_efficiency"]["rows"]] == [20, 40]
+
+
+def test_summary_has_exactly_the_issue_fields(results):
+    s = json.loads((results / "summary.json").read_text())
+    assert tuple(s) == make_results.SUMMARY_FIELDS
+    assert s["null_models"] == 2 and s["wrong_keys"] == 4
+    assert isinstance(s["null_decodes"], int) and isinstance(s["wrong_key_decodes"], int)
+    for k in ("null_max_agreement", "asr", "flip_rate_clean", "lime_overhead_fraction"):
+        assert _num(s[k]) and 0 <= s[k] <= 1, k
+    assert _num(s["dice_drop_points"]) and _num(s["lime_speedup_vs_lime_package"])
+    assert s["lime_speedup_vs_lime_package"] > 0
+    assert s["min_samples_for_95pct"] is None or s["min_samples_for_95pct"] in (20, 40)
+    assert s["baselines"] == [] and s["device"].startswith("cpu")
+    assert {r["attack"] for r in s["robustness"]} == ATTACKS
+    assert all(set(r) == {"attack", "setting", "asr", "dice"} for r in s["robustness"])
+    md = (results / "RESULTS.md").read_text()
+    assert "SMOKE RUN" in md and "4. baselines" in md and "## 3. Robustness" in md
+
+
+def test_missing_studies_are_null_not_invented(results, tmp_path):
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(results / "harmlessness.json", part)
+    assert make_results.main(["--results-dir", str(part)]) == 0
+    s = json.loads((part / "summary.json").read_text())
+    assert s["dice_drop_points"] is not None
+    for k in ("null_models", "null_decodes", "asr", "robustness", "lime_speedup_vs_lime_package",
+              "min_samples_for_95pct"):
+        assert s[k] is None, k
+    md = (part / "RESULTS.md").read_text()
+    assert "1. null calibration (null_calibration.json)" in md and "5. speed (speed.json)" in md
+    assert make_results.main(["--results-dir", str(tmp_path / "nowhere")]) == 2
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_gpu_script_refuses_to_run_without_cuda(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "gpu")}
+    if torch.cuda.is_available():   # a CUDA machine would start the real run: only the option check here
+        proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--bogus"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 2 and "unknown option" in proc.stderr
+        return
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "no CUDA GPU visible" in proc.stderr and "--smoke" in proc.stderr
+    assert not (tmp_path / "gpu").exists()

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Studies 3 (robustness) and 5 (speed) on a CUDA GPU at 256x256 with a larger model, inside 10 minutes.
+#
+#   benchmarks/gpu.sh            full GPU run: results in benchmarks/results/gpu/ (device named in each JSON),
+#                                then benchmarks/results/RESULTS.md is regenerated
+#   benchmarks/gpu.sh --smoke    CPU dry run of the same script at tiny sizes (no GPU needed), results in
+#                                $OUT_DIR (default: a temporary folder), RESULTS.md untouched
+#
+# Python: $PYTHON if set, else ./.venv/bin/python, else `./run setup` creates .venv (needs the network; keep a
+# CUDA torch already installed in .venv: ./run never replaces it). Environment overrides: OUT_DIR, CACHE_DIR.
+# Model: MONAI UNet (16, 32, 64, 128, 256), 1.6M parameters; owner model trained 300 steps, embedded 600.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+case "${1:-}" in
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "gpu.sh: unknown option $1 (use --smoke or nothing)" >&2; exit 2 ;;
+esac
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then
+    PYTHON=.venv/bin/python
+  else
+    echo "gpu.sh: no .venv here; setting it up with ./run setup" >&2
+    ./run setup
+    PYTHON=.venv/bin/python
+  fi
+fi
+"$PYTHON" -c 'import StealthMarkLib' 2>/dev/null || {
+  echo "gpu.sh: $PYTHON cannot import StealthMarkLib: run ./run setup (or set PYTHON)" >&2; exit 3; }
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$SMOKE" = 1 ]; then
+  OUT_DIR=${OUT_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/stealthmark-gpu-smoke.XXXXXX")}
+  CACHE_DIR=${CACHE_DIR:-$OUT_DIR/cache}
+  ARGS=(--smoke --device cpu --threads 1 --out-dir "$OUT_DIR" --cache "$CACHE_DIR")
+  SPEED_ARGS=()
+  LIMIT_ROBUST=120; LIMIT_SPEED=120
+else
+  if ! "$PYTHON" - <<'EOF'
+import sys, torch
+if not torch.cuda.is_available():
+    built = torch.version.cuda or "none (a CPU-only build)"
+    sys.exit(f"gpu.sh: no CUDA GPU visible to torch {torch.__version__} (CUDA build: {built}); "
+             "run this on a CUDA machine with a CUDA build of torch, or use --smoke for a CPU dry run")
+print(f"CUDA: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+EOF
+  then exit 3; fi
+  OUT_DIR=${OUT_DIR:-benchmarks/results/gpu}
+  CACHE_DIR=${CACHE_DIR:-benchmarks/.cache/gpu}
+  ARGS=(--device cuda --size 256 --channels 16,32,64,128,256 --samples 1000 --trials 10
+        --out-dir "$OUT_DIR" --cache "$CACHE_DIR")
+  SPEED_ARGS=(--lime-sizes 128,256 --lime-samples 500,1000,2000 --lime-channels 16,32,64,128,256
+              --steps 200 --qe-trials 20)
+  LIMIT_ROBUST=330; LIMIT_SPEED=230   # 9 minutes in all, the rest for start-up
+fi
+mkdir -p "$OUT_DIR" "$CACHE_DIR"
+
+run_study() {  # name, time limit (s), arguments...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS rc=0
+  echo "== $name (limit ${limit}s): $PYTHON benchmarks/$name.py $*"
+  timeout "$limit" "$PYTHON" "benchmarks/$name.py" "$@" || rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  [ $rc -eq 124 ] && echo "gpu.sh: $name ran past ${limit}s and was stopped: its results are missing" >&2
+  return $rc
+}
+
+status=0
+run_study robustness "$LIMIT_ROBUST" "${ARGS[@]}" || status=1
+run_study speed "$LIMIT_SPEED" "${ARGS[@]}" "${SPEED_ARGS[@]}" || status=1
+echo "results in $OUT_DIR (total $SECONDS s)"
+if [ "$SMOKE" = 0 ]; then
+  "$PYTHON" benchmarks/make_results.py || status=1
+fi
+exit $status
