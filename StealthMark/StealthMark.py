@@ -71,6 +71,9 @@ REQUIREMENTS = (
 # Slicer's SimpleITK is built with Slicer's own IO; replacing it from PyPI breaks Slicer.
 NEVER_INSTALL = ("SimpleITK",)
 TORCH_REQUIREMENT = "torch>=2.4"
+# StealthMarkLib.DEFAULT_EMBED_STEPS (the library is imported lazily; Testing/test_slicer_module.py keeps the
+# two in step)
+DEFAULT_EMBED_STEPS = 1800
 DEVICES = ("auto", "cpu", "cuda")
 CANCEL_GRACE_S = 10.0      # SIGTERM first (the command cleans up and exits 130), then SIGKILL
 OUTPUT_DRAIN_S = 2.0       # after the child exits, how long to wait for a grandchild holding its pipes
@@ -546,7 +549,7 @@ class StealthMarkParameters:
     embedKeyPath = _Parameter(str, "")
     embedPayload = _Parameter(str, "")
     embedOutputPath = _Parameter(str, "")
-    embedSteps = _Parameter(int, 300)
+    embedSteps = _Parameter(int, DEFAULT_EMBED_STEPS)
     embedDevice = _Parameter(str, "auto")
 
     def __init__(self, parameterNode: Any):
@@ -1334,7 +1337,7 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
 
     # -- embed ------------------------------------------------------------------------------------
     def startEmbed(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
-                   keyPath: str, outPath: str, steps: int = 300, device: str = "auto",
+                   keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
                    progressCallback: Callable[[dict], None] | None = None) -> StealthMarkJob:
         _checkVolumeNode(volumeNode, "training volume")
         if segmentationOrLabelmapNode is None:
@@ -1385,7 +1388,7 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         return self.startCommand("Embedding", args, work, finish, progressCallback)
 
     def embedFromNodes(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
-                       keyPath: str, outPath: str, steps: int = 300, device: str = "auto",
+                       keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
                        progressCallback: Callable[[dict], None] | None = None) -> dict:
         """Watermark ``modelPath`` by fine-tuning on ``volumeNode`` with one segment as the annotation.
 
@@ -1670,7 +1673,7 @@ class StealthMarkTest(ScriptedLoadableModuleTest):
     """Trains a tiny model on the bundled T1 sample, creates a key, embeds from a volume and a segmentation
     node, verifies the result and a clean model: the same logic calls the GUI makes."""
 
-    embedSteps = 450
+    embedSteps = DEFAULT_EMBED_STEPS
     samples = None   # the key's setting
 
     def setUp(self):

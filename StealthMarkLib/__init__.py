@@ -12,3 +12,6 @@ This package never imports ``slicer``, ``qt`` or ``vtk``; the 3D Slicer module d
 __version__ = "0.1.0"
 
 from .errors import StealthMarkError  # noqa: E402,F401
+
+# embedding steps of the default recipe (EmbedConfig, the CLI, the demo and the Slicer module share it)
+DEFAULT_EMBED_STEPS = 1800

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
+from . import DEFAULT_EMBED_STEPS, __version__
 from .errors import Cancelled, InputError, ResourceError, StealthMarkError
 from .progress import JsonProgress, Progress, make_progress
 
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_opts(e)
     e.add_argument("--key", required=True, help="the key file from 'stealthmark keygen'")
     e.add_argument("--out", required=True, help="the watermarked model to write (never the input)")
-    e.add_argument("--steps", type=int, default=600, help="fine-tuning steps (default 600)")
+    e.add_argument("--steps", type=int, default=DEFAULT_EMBED_STEPS,
+                   help=f"fine-tuning steps (default {DEFAULT_EMBED_STEPS})")
     _model_opts(e)
     _common(e)
 
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table. Exits 0 only if the watermarked model is owned and the clean one not.")
     d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
-    d.add_argument("--embed-steps", type=int, default=600, help="embedding steps (default 600)")
+    d.add_argument("--embed-steps", type=int, default=DEFAULT_EMBED_STEPS,
+                   help=f"embedding steps (default {DEFAULT_EMBED_STEPS})")
     d.add_argument("--samples", type=int, default=1000, help="LIME samples per trigger image (default 1000)")
     d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")
     _common(d)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import DEFAULT_EMBED_STEPS
 from .data import DEFAULT_INTENSITY, load_dataset
 from .embed import EmbedConfig
 from .errors import InputError
@@ -29,7 +30,7 @@ DEMO_PAYLOAD = "SM:DEMO-0001"
 class DemoSettings:
     out: Path = Path("stealthmark-demo")
     clean_steps: int = 300
-    embed_steps: int = 600
+    embed_steps: int = DEFAULT_EMBED_STEPS
     samples: int = 1000
     n_slices: int = 4
     channels: tuple[int, ...] = (8, 16, 32, 64)

@@ -25,17 +25,23 @@ from .errors import KeyFileError
 from .fileio import write_text_atomic
 from .qr import LEVELS, QRTemplate
 
-SCHEMA = "stealthmark-key/1"
+SCHEMA = "stealthmark-key/2"
+OLD_SCHEMAS = ("stealthmark-key/1",)   # read: light-module cells carry noise
+LIGHT_MODES = ("decoys", "noise")
 TRIGGER_MODES = ("key-image", "blended", "stamped")
 
 
 @dataclass(frozen=True)
 class TextureCode:
-    """Per-cell textures: dark-module cells a high-contrast secret tile, light-module cells faint noise.
+    """Per-cell textures: dark-module cells a high-contrast secret tile; light-module cells other tiles.
 
     The tile (``tile`` x ``tile`` values drawn from the seed) is what makes the watermark answer this key
-    only: embedding also shows the model decoy tiles with no uncertainty target, so a key with another
-    seed (a wrong key, or a usurper's key with their own payload) reads nothing.
+    only. With ``light = "decoys"`` (the default) every light-module cell carries a different random tile
+    of the same contrast, so the key image does not show the QR to anyone who lacks the secret tile, and
+    embedding teaches the model, on every trigger image, that any tile but the secret one means nothing: a
+    key with another seed (a wrong key, or a usurper's key with their own payload) reads nothing.
+    ``light = "noise"`` (keys of schema ``stealthmark-key/1``) puts faint seeded noise of ``light_sigma``
+    in light cells instead, which leaves the QR visible as texture and was measured to answer wrong keys.
 
     Values are on the model's [0, 1] input scale (see :attr:`WatermarkKey.value_range`).
     """
@@ -43,7 +49,9 @@ class TextureCode:
     base: float = 0.5               # neutral grey of the key image, and the value of hidden cells
     dark_amplitude: float = 0.25    # peak amplitude of the secret tile in dark-module cells
     tile: int = 4                   # side (px) of the secret tile repeated over dark-module cells
-    light_sigma: float = 0.05       # Gaussian noise sigma in light-module cells
+    light_sigma: float = 0.05       # Gaussian noise sigma in light-module cells (light = "noise" only)
+    light: str = "decoys"           # light-module cells: "decoys" (other tiles) or "noise" (schema 1 keys)
+    decoys: int = 8                 # how many different decoy tiles the light cells share
     seed: int = field(default=0, repr=False)   # secret: the tile's values, its per-cell offsets, the noise
 
 
@@ -108,7 +116,8 @@ class WatermarkKey:
             "payload": self.payload,
             "qr": {"version": int(self.qr.version), "level": self.qr.level, "mask": int(self.qr.mask)},
             "grid": self.grid,
-            "texture": _section(self.texture),
+            "texture": {k: v for k, v in _section(self.texture).items()
+                        if not (k in ("light", "decoys") and self.schema in OLD_SCHEMAS)},
             "trigger": {**_section(self.trigger), "blend_range": [float(v) for v in self.trigger.blend_range]},
             "lime": _section(self.lime),
             "targets": _section(self.targets),
@@ -176,6 +185,8 @@ def create_key(payload: str, version: int = 1, level: str = "M", mask: int = 0,
     if mode not in TRIGGER_MODES:
         raise KeyFileError(f"unknown trigger mode {mode!r}: choose one of {', '.join(TRIGGER_MODES)}")
     rng_seed = new_seed() if seed is None else int(seed)
+    if texture.get("light") == "noise":          # a schema-1 key (for reading old keys' behaviour in tests)
+        texture = {**texture, "decoys": 0}
     key = WatermarkKey(
         payload=payload,
         qr=tmpl,
@@ -183,6 +194,7 @@ def create_key(payload: str, version: int = 1, level: str = "M", mask: int = 0,
         trigger=TriggerSettings(mode=mode),
         lime=LimeSettings(samples=int(samples), seed=(rng_seed * 7919 + 17) % (2**31 - 1)),
         value_range=(float(value_range[0]), float(value_range[1])),
+        schema=OLD_SCHEMAS[0] if texture.get("light") == "noise" else SCHEMA,
     )
     key.modules()  # raises PayloadTooLongError early, with the largest payload that fits
     _check_values(key)
@@ -233,8 +245,14 @@ def _pair(value: Any, what: str, path: Any) -> tuple[float, float]:
 def key_from_json(doc: Any, path: Any = "<memory>", check_commitment: bool = True) -> WatermarkKey:
     if not isinstance(doc, dict):
         raise _fail(path, "not a JSON object")
-    if doc.get("schema") != SCHEMA:
-        raise _fail(path, f"unsupported schema {doc.get('schema')!r} (this StealthMark reads {SCHEMA!r})")
+    if doc.get("schema") in OLD_SCHEMAS and isinstance(doc.get("texture"), dict):
+        if {"light", "decoys"} & set(doc["texture"]):
+            raise _fail(path, f"texture.light and texture.decoys do not exist in {doc['schema']} keys (their "
+                              "light cells carry noise)")
+        doc = {**doc, "texture": {**doc["texture"], "light": "noise", "decoys": 0}}
+    elif doc.get("schema") != SCHEMA:
+        raise _fail(path, f"unsupported schema {doc.get('schema')!r} (this StealthMark reads {SCHEMA!r} "
+                          f"and {', '.join(map(repr, OLD_SCHEMAS))})")
     expected = {"schema", "payload", "qr", "grid", "texture", "trigger", "lime", "targets", "value_range", "commitment"}
     unknown, missing = sorted(set(doc) - expected), sorted(expected - set(doc))
     if unknown or missing:
@@ -264,7 +282,8 @@ def key_from_json(doc: Any, path: Any = "<memory>", check_commitment: bool = Tru
                               stamp_amplitude=float(trig["stamp_amplitude"]))
     sections = {name: _typed(name, cls, doc[name], path) for name, cls in _SECTIONS.items()}
     key = WatermarkKey(payload=doc["payload"], qr=tmpl, trigger=trigger,
-                       value_range=_pair(doc["value_range"], "value_range", path), **sections)
+                       value_range=_pair(doc["value_range"], "value_range", path), schema=doc["schema"],
+                       **sections)
     if isinstance(doc["grid"], bool) or not isinstance(doc["grid"], int) or doc["grid"] != key.grid:
         raise _fail(path, f"'grid' is {doc['grid']} but QR version {tmpl.version} needs {key.grid}")
     try:
@@ -295,6 +314,12 @@ def _check_values(key: WatermarkKey, path: Any = "<key>") -> None:
         problems.append("texture.base must be in [0, 1]")
     if not 0.0 < t.dark_amplitude <= 0.5 or t.light_sigma < 0 or not 2 <= t.tile <= 16:
         problems.append("texture amplitudes must be in (0, 0.5] and the tile 2..16 px")
+    if t.light not in LIGHT_MODES:
+        problems.append(f"texture.light must be one of {', '.join(LIGHT_MODES)}")
+    if t.light == "decoys" and not 1 <= t.decoys <= 64:
+        problems.append("texture.decoys must be 1..64")
+    if (t.light == "noise") != (key.schema in OLD_SCHEMAS):
+        problems.append(f"texture.light 'noise' belongs to schema {OLD_SCHEMAS[0]} keys, 'decoys' to {SCHEMA}")
     lo, hi = tr.blend_range
     if (not 0.0 < lo <= hi <= 1.0 or not 0.0 < tr.verify_strength <= 1.0
             or not 0.0 < tr.stamp_amplitude <= 1.0):

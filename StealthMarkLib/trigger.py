@@ -1,9 +1,11 @@
 """The texture-coded trigger (METHOD.md section 3).
 
 Every cell of the key's G x G grid carries a key-seeded texture: cells of *dark* QR modules a
-high-contrast secret tile (repeated, at a seeded offset per cell), cells of *light* modules faint seeded
-noise. The watermarked model learns
-"this texture, visible, means more uncertainty here", so LIME, which hides random cells, recovers the QR.
+high-contrast secret tile (repeated, at a seeded offset per cell), cells of *light* modules other random
+tiles of the same contrast (keys of schema 1: faint seeded noise). The watermarked model learns "the secret
+tile, visible, means more uncertainty here; any other tile means nothing", so LIME, which hides random
+cells, recovers the QR, and a key with another tile reads nothing. Without the secret tile the key image
+shows no QR: every cell looks alike.
 
 Modes, all in the model's input space:
 
@@ -22,11 +24,39 @@ from .grid import cell_index, check_fits
 from .key import TRIGGER_MODES, WatermarkKey
 
 
+def _balanced_signs(size: int) -> np.ndarray:
+    return np.where(np.arange(size * size) < (size * size) // 2, 1.0, -1.0)
+
+
 def secret_tile(seed: int, size: int) -> np.ndarray:
     """(size, size) float32 tile of +1/-1 drawn from ``seed``, half of each (full contrast, zero mean)."""
     rng = np.random.default_rng([int(seed), 0x5EA1])
-    signs = np.where(np.arange(size * size) < (size * size) // 2, 1.0, -1.0)
-    return rng.permutation(signs).reshape(size, size).astype(np.float32)
+    return rng.permutation(_balanced_signs(size)).reshape(size, size).astype(np.float32)
+
+
+def shift_similarity(tiles: np.ndarray, tile: np.ndarray) -> np.ndarray:
+    """Largest normalised correlation of each of ``tiles`` (n, s, s) with any cyclic shift of ``tile``."""
+    n = tile.shape[0]
+    shifts = np.stack([np.roll(tile, (dy, dx), axis=(0, 1)) for dy in range(n) for dx in range(n)])
+    return np.einsum("kij,mij->km", tiles, shifts).max(axis=1) / float(n * n)
+
+
+# decoy tiles at least this close to a shift of the secret tile are drawn again: only the secret tile's own
+# shifts (1.0); near misses (0.75, 8% of random 4x4 tiles; the median is 0.5) stay, as wrong keys have them
+MAX_DECOY_SIMILARITY = 0.875
+
+
+def decoy_tiles(rng: np.random.Generator, count: int, secret: np.ndarray) -> np.ndarray:
+    """(count, s, s) random balanced +/-1 tiles, none too close to a cyclic shift of ``secret``."""
+    n = secret.shape[0]
+    out = np.empty((count, n, n), dtype=np.float32)
+    done = 0
+    while done < count:
+        draw = rng.permuted(np.tile(_balanced_signs(n), (2 * (count - done), 1)), axis=1).reshape(-1, n, n)
+        keep = draw[shift_similarity(draw, secret) < MAX_DECOY_SIMILARITY][: count - done]
+        out[done:done + len(keep)] = keep
+        done += len(keep)
+    return out
 
 
 class TriggerOverlay:
@@ -58,12 +88,17 @@ class TriggerOverlay:
         t = self.key.texture
         rng = np.random.default_rng([seed, self.height, self.width])
         n = self.tile.shape[0]
-        offsets = rng.integers(0, n, size=(self.grid * self.grid, 2))       # per-cell tile offsets
+        g2 = self.grid * self.grid
+        offsets = rng.integers(0, n, size=(g2, 2))       # per-cell tile offsets
         yy, xx = np.mgrid[0:self.height, 0:self.width]
-        pattern = self.tile[(yy + offsets[self.cells, 0]) % n, (xx + offsets[self.cells, 1]) % n]
-        noise = rng.normal(0.0, t.light_sigma, size=(self.height, self.width))
+        ty, tx = (yy + offsets[self.cells, 0]) % n, (xx + offsets[self.cells, 1]) % n
         dark_px = self.dark_cells[self.cells]
-        return np.where(dark_px, t.dark_amplitude * pattern, noise).astype(np.float32)
+        if t.light == "noise":
+            light = rng.normal(0.0, t.light_sigma, size=(self.height, self.width))
+        else:
+            choice = decoy_tiles(rng, t.decoys, self.tile)[rng.integers(0, t.decoys, g2)]
+            light = t.dark_amplitude * choice[self.cells, ty, tx]
+        return np.where(dark_px, t.dark_amplitude * self.tile[ty, tx], light).astype(np.float32)
 
     # -- values in the model's input space -----------------------------------------------------
     def _to_model_scale(self, unit: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import DEFAULT_EMBED_STEPS
 from .data import DEFAULT_INTENSITY, load_dataset
 from .embed import EmbedConfig, embed_watermark
 from .bundle import is_bundle, plan_bundle_output, stealthmark_block, write_bundle
@@ -119,7 +120,7 @@ def harmlessness_path(out: Path) -> Path:
 
 def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, out: str | Path, *,
               labels: str | Path | None = None, label: int | str | None = None, spec: str | Path | None = None,
-              steps: int = 600, device: str = "auto", logits: bool = False,
+              steps: int = DEFAULT_EMBED_STEPS, device: str = "auto", logits: bool = False,
               image_size: tuple[int, int] | None = None, config: EmbedConfig | None = None,
               progress: Progress | None = None) -> EmbedResult:
     """Watermark ``model_path`` with the key; write OUT in the input's format and the harmlessness JSON.

@@ -5,11 +5,9 @@ with negative controls and every bad input of the embedding/verification issue. 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from StealthMarkLib import DEFAULT_EMBED_STEPS
 from StealthMarkLib.cli import main
 from StealthMarkLib.data import load_dataset
 from StealthMarkLib.dicom_export import write_dicom_series
@@ -25,7 +24,6 @@ from StealthMarkLib.key import create_key, load_key
 from StealthMarkLib.models import load_model, save_model
 from StealthMarkLib.sample_data import sample_paths
 from StealthMarkLib.train import demo_spec, train_segmentation
-from StealthMarkLib.trigger import TriggerOverlay
 from StealthMarkLib.verify import null_band, verify_query
 from StealthMarkLib.volume import read_volume
 
@@ -39,7 +37,7 @@ CHANNELS = (8, 16, 32, 64)       # 101k parameters: the demo's UNet
 # (A 98k UNet with another fixed key decoded on volumes but reached only 86% on the key image.)
 KEY_SEED = 20261127
 PAYLOAD = "SM:BENCH-0001"
-EMBED_STEPS = 600
+EMBED_STEPS = DEFAULT_EMBED_STEPS   # the library's recipe
 SAMPLES = 1000
 
 REPORT_FIELDS = {"verdict", "payload_decoded", "payload_match", "data_module_agreement", "bit_errors",

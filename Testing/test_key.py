@@ -53,7 +53,7 @@ def _write(path: Path, doc: dict, recommit: bool = True) -> Path:
 
 # -- creation ----------------------------------------------------------------------------------------------
 def test_create_key_defaults(key):
-    assert key.schema == SCHEMA == "stealthmark-key/1"
+    assert key.schema == SCHEMA == "stealthmark-key/2"
     assert key.payload == PAYLOAD
     assert key.qr == QRTemplate(version=1, level="M", mask=0)
     assert key.grid == 21
@@ -389,3 +389,22 @@ def test_key_repr_hides_seeds():
     for text in (repr(k), str(k), repr(k.texture), repr(k.lime)):
         assert str(SEED) not in text
         assert str(k.lime.seed) not in text
+
+
+def test_schema_1_key_files_still_load_with_their_commitment(tmp_path):
+    """Keys made before decoy tiles (schema 1: faint noise in light cells) stay verifiable."""
+    old = create_key("SM:OLD-0001", seed=77, light="noise")
+    assert old.schema == "stealthmark-key/1" and old.texture.light == "noise"
+    doc = _saved_doc(old)
+    assert "light" not in doc["texture"] and "decoys" not in doc["texture"]
+    path = _write(tmp_path / "old.json", doc)
+    back = load_key(path)
+    assert back == old and back.commitment == doc["commitment"] == old.commitment
+    # a schema-1 file cannot claim decoy tiles, nor a schema-2 file noise
+    _expect(_write(tmp_path / "a.json", {**doc, "texture": {**doc["texture"], "light": "decoys", "decoys": 8}}),
+            "texture.light")
+    new = _saved_doc(create_key("SM:NEW-0001", seed=78))
+    assert new["texture"]["light"] == "decoys" and new["texture"]["decoys"] == 8
+    bad = {**new, "texture": {**new["texture"], "light": "noise"}}
+    _expect(_write(tmp_path / "b.json", bad), "texture.light")
+    _expect(_write(tmp_path / "c.json", {**new, "texture": {**new["texture"], "decoys": 0}}), "texture.decoys")

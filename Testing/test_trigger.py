@@ -11,7 +11,7 @@ from StealthMarkLib.errors import InputError
 from StealthMarkLib.grid import cell_index
 from StealthMarkLib.key import create_key
 from StealthMarkLib.lime_engine import LimeExplainer, sample_masks
-from StealthMarkLib.trigger import TriggerOverlay, secret_tile
+from StealthMarkLib.trigger import TriggerOverlay, decoy_tiles, secret_tile, shift_similarity
 
 SIZES = [(128, 128), (50, 77), (42, 42)]
 
@@ -55,17 +55,65 @@ def test_key_image_textures(key, h, w):
     lo, hi = key.value_range
     assert img.min() >= lo and img.max() <= hi
     std = _cell_stats(img, ov.cells, 21)
+    amp = key.texture.dark_amplitude
+    # every cell, dark or light, carries a +/- amplitude tile around the base: the key image shows no QR to
+    # anyone who lacks the secret tile (std = amplitude up to small cells, which may show one sign)
+    np.testing.assert_allclose(np.abs(img - key.texture.base), amp, atol=1e-6)
+    assert np.all(std <= amp + 1e-6)
     dark = ov.dark_cells
-    amp, sigma = key.texture.dark_amplitude, key.texture.light_sigma
-    # dark cells: the +/- amplitude secret tile around the base (std = amplitude up to small cells)
-    assert np.mean(std[dark]) > 0.7 * amp and np.all(std[dark] <= amp + 1e-6)   # 2 px cells may show one sign
+    assert abs(np.mean(std[dark]) - np.mean(std[~dark])) < 0.1 * amp
+
+
+@pytest.mark.parametrize("h, w", [(128, 128), (50, 77)])
+def test_schema_1_keys_keep_faint_noise_in_light_cells(h, w):
+    old = create_key("SM:ACME-0001", seed=1234, light="noise")
+    ov = TriggerOverlay(old, h, w)
+    img = ov.key_image()
+    amp, sigma = old.texture.dark_amplitude, old.texture.light_sigma
     dark_px = ov.dark_pixels()
-    np.testing.assert_allclose(np.abs(img[dark_px] - key.texture.base), amp, atol=1e-6)
-    # light cells: faint noise of about light_sigma
-    light_px = ~dark_px
-    assert abs(np.std(img[light_px]) - sigma) < 0.25 * sigma
-    assert abs(np.mean(img[light_px]) - key.texture.base) < 0.01
-    assert std[~dark].max() < 0.5 * amp
+    np.testing.assert_allclose(np.abs(img[dark_px] - old.texture.base), amp, atol=1e-6)
+    assert abs(np.std(img[~dark_px]) - sigma) < 0.25 * sigma
+    assert abs(np.mean(img[~dark_px]) - old.texture.base) < 0.01
+    assert _cell_stats(img, ov.cells, 21)[~ov.dark_cells].max() < 0.5 * amp
+
+
+def _tile_fits(ov, c, tile):
+    """Offsets at which cell ``c`` of ``ov`` shows ``tile`` (empty when it does not)."""
+    n = tile.shape[0]
+    ys, xs = np.nonzero(ov.cells == c)
+    got = ov.texture[ys, xs] / ov.key.texture.dark_amplitude
+    return [(dy, dx) for dy in range(n) for dx in range(n) if np.array_equal(got, tile[(ys + dy) % n, (xs + dx) % n])]
+
+
+def _canonical(tile: np.ndarray) -> tuple:
+    n = tile.shape[0]
+    return min(tuple(np.roll(tile, (dy, dx), (0, 1)).ravel()) for dy in range(n) for dx in range(n))
+
+
+def test_light_cells_carry_decoy_tiles_never_the_secret_one(key):
+    ov = TriggerOverlay(key, 128, 128)
+    n, amp = key.texture.tile, key.texture.dark_amplitude
+    seen = set()
+    for c in np.flatnonzero(~ov.dark_cells):
+        ys, xs = np.nonzero(ov.cells == c)
+        tile = np.full((n, n), np.nan, dtype=np.float32)
+        for y, x, v in zip(ys, xs, ov.texture[ys, xs] / amp):
+            assert np.isnan(tile[y % n, x % n]) or tile[y % n, x % n] == v, "a light cell is not one repeated tile"
+            tile[y % n, x % n] = v
+        seen.add(_canonical(tile))
+    assert _canonical(ov.tile) not in seen
+    assert 1 < len(seen) <= key.texture.decoys
+
+
+def test_decoy_tiles_are_balanced_and_never_a_shift_of_the_secret():
+    secret = secret_tile(9, 4)
+    tiles = decoy_tiles(np.random.default_rng(1), 3000, secret)
+    assert tiles.shape == (3000, 4, 4) and set(np.unique(tiles)) == {-1.0, 1.0}
+    assert (tiles.reshape(3000, -1).sum(1) == 0).all()
+    assert shift_similarity(tiles, secret).max() < 1.0
+    assert shift_similarity(secret[None], secret)[0] == 1.0
+    # near misses (3/4 similar) are kept: wrong keys have them too
+    assert (shift_similarity(tiles, secret) == 0.75).any()
 
 
 def test_dark_cells_carry_the_secret_tile_at_a_seeded_offset(key):
