@@ -652,6 +652,8 @@ def run_embed(method: str, model_path: str | Path, data: str | Path, key_path: s
     key = load_key(key_path)
     model = load_model(model_path, spec=spec, device=device, logits=logits)
     size = model_size(model, image_size)
+    if method == "reference":
+        check_fits(size[0], size[1], key.grid)     # its verification occludes the key's QR cells
     intensity = model_intensity(model)
     ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity)
     progress.log(f"{ds.describe()}; method {method}; device {describe_device(model.device)}")

@@ -128,6 +128,7 @@ def test_badnets_trains_and_clean_model_does_not_show_it(world, badnets_model):
 
 def test_cli_badnets_verify(world, badnets_model, capsys):
     tmp = world["tmp"]
+    Image.fromarray((world["ds"].test[0][0] * 255).astype(np.uint8)).save(tmp / "slice.png")
     for name, verdict in (("badnets", "owned"), ("clean", "not-owned")):
         out = tmp / f"bn-{name}"
         assert cli("verify", "--model", tmp / f"{name}.ts", "--key", tmp / "key.json", "--method", "badnets",
@@ -139,6 +140,12 @@ def test_cli_badnets_verify(world, badnets_model, capsys):
         assert not (out / "qr.png").exists()
         _no_seed(text)
     assert "[badnets] verdict" in capsys.readouterr().out
+    # --progress json (the Slicer module's protocol) ends with a result event carrying the report
+    assert main(["verify", "--model", str(tmp / "badnets.ts"), "--key", str(tmp / "key.json"), "--method",
+                 "badnets", "--image", str(tmp / "slice.png"), "--device", "cpu", "--out", str(tmp / "bn-json"),
+                 "--progress", "json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["event"] == "result" and last["method"] == "badnets" and last["n_images"] == 1
 
 
 def test_cli_reference_round_trip(world, capsys):
