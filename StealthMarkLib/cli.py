@@ -21,6 +21,7 @@ from .errors import Cancelled, InputError, ResourceError, StealthMarkError
 from .progress import JsonProgress, Progress, make_progress
 
 DEVICES = ("auto", "cpu", "cuda")
+METHODS = ("stealthmark", "reference", "badnets")   # = baselines.METHODS (not imported here: --help stays fast)
 
 
 def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -44,6 +45,12 @@ def _data_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="the label volume for a single volume or DICOM series")
     p.add_argument("--label", help="which label is the structure when the labels are not binary: a number, "
                    "or 'any' for every non-zero label")
+
+
+def _method_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHODS, default="stealthmark",
+                   help="stealthmark (default), or a baseline for comparison: reference (the paper's reference "
+                        "design, whose QR appears for any model) or badnets (a harmful backdoor); README 'Baselines'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="the watermarked model to write (never the input)")
     e.add_argument("--steps", type=int, default=DEFAULT_EMBED_STEPS,
                    help=f"fine-tuning steps (default {DEFAULT_EMBED_STEPS})")
+    _method_opt(e)
     _model_opts(e)
     _common(e)
 
@@ -112,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--strength", type=float, help="blend strength of the key (default: the key's)")
     v.add_argument("--batch-size", type=int, default=64, help="queries per forward pass (default 64)")
     v.add_argument("--out", required=True, help="folder for report.json, report.html, qr.png (and lime_map.nii.gz)")
+    _method_opt(v)
+    v.add_argument("--detector", help="--method reference: the <model>.detector.json written by its embedding")
     _model_opts(v)
     _common(v)
 
@@ -169,6 +179,15 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], s
     """Run one command; returns (result for JSON, text for the terminal, exit code)."""
     from . import workflows as wf
 
+    if getattr(args, "method", "stealthmark") != "stealthmark":
+        from .baselines import run_from_args
+
+        return run_from_args(args, progress, label=_label(args.label) if args.command == "embed" else None,
+                             image_size=_pair(args.image_size))
+    if getattr(args, "detector", None) is not None:
+        from .errors import InputError
+
+        raise InputError("--detector is only used with --method reference")
     if args.command == "keygen":
         key = wf.make_key(args.payload, args.out, force=args.force, version=args.qr_version, level=args.level,
                           mask=args.mask, mode=args.mode, samples=args.samples)
