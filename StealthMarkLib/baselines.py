@@ -684,7 +684,7 @@ def verification_images(size: tuple[int, int], key: WatermarkKey, *, image: str 
     """Clean (n, H, W) images in model input space from a volume / DICOM folder (chosen slices) or a 2-D
     image, with the slice indices and the source path."""
     from .volume import extract_slices, parse_slice_spec, read_volume, resize_slices
-    from .workflows import VERIFY_INTENSITY, auto_slices
+    from .workflows import VERIFY_INTENSITY, auto_slices, read_single_image
 
     idx: list[int] = []
     if volume is not None:
@@ -692,19 +692,7 @@ def verification_images(size: tuple[int, int], key: WatermarkKey, *, image: str 
         idx = auto_slices(vol, n_slices) if slices in (None, "auto") else parse_slice_spec(slices, vol.shape[0])
         unit, src = extract_slices(VERIFY_INTENSITY.apply(vol.array), idx), volume
     elif image is not None:
-        p = Path(image)
-        if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            from PIL import Image
-
-            try:
-                arr = np.asarray(Image.open(p).convert("L"), dtype=np.float32)[None]
-            except OSError as exc:
-                raise InputError(f"cannot read image {p}: {exc}") from None
-        else:
-            arr = read_volume(p).array
-            if arr.shape[0] != 1:
-                raise InputError(f"{p} has {arr.shape[0]} slices: use --volume for volumes")
-        unit, src = VERIFY_INTENSITY.apply(arr), image
+        unit, src = VERIFY_INTENSITY.apply(read_single_image(image)), image
     else:
         raise InputError("baseline verification needs images to put the trigger on: give --volume, --dicom or "
                          "--image (there is no key image for the baselines)")

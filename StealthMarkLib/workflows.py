@@ -236,21 +236,26 @@ def volume_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, i
     return TriggerInput(_trigger_images(unit, key, size, strength), vol, idx, str(path))
 
 
-def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, int],
-                        strength: float | None) -> TriggerInput:
+def read_single_image(path: str | Path) -> np.ndarray:
+    """(1, H, W) float32 raw intensities of a PNG/JPEG (as grey) or of a one-slice volume file."""
     p = Path(path)
     if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
         from PIL import Image
 
         try:
-            arr = np.asarray(Image.open(p).convert("L"), dtype=np.float32)[None]
+            return np.asarray(Image.open(p).convert("L"), dtype=np.float32)[None]
         except OSError as exc:
             raise InputError(f"cannot read image {p}: {exc}") from None
-    else:
-        arr = read_volume(p).array
-        if arr.shape[0] != 1:
-            raise InputError(f"{p} has {arr.shape[0]} slices: use --volume for volumes")
-    return TriggerInput(_trigger_images(VERIFY_INTENSITY.apply(arr), key, size, strength), source=str(p))
+    arr = read_volume(p).array
+    if arr.shape[0] != 1:
+        raise InputError(f"{p} has {arr.shape[0]} slices: use --volume for volumes")
+    return arr
+
+
+def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, int],
+                        strength: float | None) -> TriggerInput:
+    arr = read_single_image(path)
+    return TriggerInput(_trigger_images(VERIFY_INTENSITY.apply(arr), key, size, strength), source=str(path))
 
 
 def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:

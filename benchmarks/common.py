@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, SliceDataset, load_dataset  # noqa: E402
 from StealthMarkLib.errors import InputError  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
@@ -104,7 +105,7 @@ def settings(args: argparse.Namespace) -> Settings:
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else (
         (8, 16, 32) if s else (8, 16, 32, 64))
     st = Settings(smoke=s, size=args.size or (64 if s else 128), channels=channels,
-                  clean_steps=20 if s else 300, embed_steps=20 if s else 600,
+                  clean_steps=20 if s else 300, embed_steps=20 if s else DEFAULT_EMBED_STEPS,
                   samples=args.samples or (60 if s else 1000), trials=args.trials or (2 if s else 10),
                   device=args.device, out_dir=Path(args.out_dir), cache=Path(args.cache))
     if st.trials < 1 or st.samples < 10 or st.size < 32:

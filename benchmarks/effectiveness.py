@@ -31,9 +31,10 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
-from StealthMarkLib.key import create_key, load_key  # noqa: E402
+from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.models import describe_device, load_model, resolve_device, save_model  # noqa: E402
 from StealthMarkLib.sample_data import SAMPLE_LABEL, sample_paths, sample_split  # noqa: E402
 from StealthMarkLib.train import demo_spec, train_segmentation  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     key = create_key("SM:BENCH-0001", seed=20261127)   # a published benchmark key: never use it for real
     key_path = key.save(tmp / "key.json")
     emb = run_embed(clean_path, t1, key_path, tmp / "wm.ts", labels=mask, label=SAMPLE_LABEL,
-                    steps=300 if not q else 300)
+                    steps=DEFAULT_EMBED_STEPS if not q else 300)
     res["embed_seconds"] = emb.log["seconds"]
     res["harmlessness"] = emb.harmlessness
     wm = load_model(tmp / "wm.ts")
@@ -113,12 +114,12 @@ def main() -> None:
                            ("blended", volume_trigger_input(t1, key, (size, size), "18,22,42,46", 4, None).images)):
             r = verify_query(m, key, imgs, samples=samples, seed=3000 + j).report
             controls.append({"control": f"clean model seed {100 + j} channels {list(ch)}", "input": name, **brief(r)})
-    for j in range(3 if not q else 1):
-        wrong = create_key(key.payload, seed=5000 + j)
+    for j in range(5 if not q else 1):      # 3 wrong keys with the owner's payload, 2 usurpers' own keys
+        wrong = create_key(key.payload if j < 3 else f"SM:USURP-{j}", seed=5000 + j)
         for name, imgs in (("key-image", _key_image(wrong, size)),
                            ("blended", volume_trigger_input(t1, wrong, (size, size), "18,22,42,46", 4, None).images)):
             r = verify_query(wm, wrong, imgs, samples=samples, seed=4000 + j).report
-            controls.append({"control": f"watermarked model, wrong key {j}", "input": name, **brief(r)})
+            controls.append({"control": f"watermarked model, {'wrong key' if j < 3 else 'usurper key'} {j}", "input": name, **brief(r)})
     real = ds.test[0][[1, 5, 9, 13]]
     r = verify_query(wm, key, real, samples=samples, seed=6000).report
     controls.append({"control": "watermarked model, real slices without the key", "input": "4 slices", **brief(r)})
