@@ -53,6 +53,7 @@ COMMAND_MODULE = "StealthMarkLib.cli"
 REQUIREMENTS = (
     "torch>=2.4",
     "monai>=1.4",
+    "einops>=0.7",
     "numpy>=1.24",
     "lime==0.2.0.1",
     "scikit-image>=0.21",

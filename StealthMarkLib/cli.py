@@ -41,10 +41,12 @@ def _model_opts(p: argparse.ArgumentParser) -> None:
 
 def _data_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a volume file or DICOM series folder (with --labels), a folder of "
-                   "volumes with label volumes, or a folder with images/ and masks/ PNG slices")
+                   "volumes with label volumes, or a folder with images/ and masks/ (or labels/) PNG/JPEG images "
+                   "of the same names (read as RGB for a model with 3 input channels)")
     p.add_argument("--labels", help="the label volume for a single volume or DICOM series")
     p.add_argument("--label", help="which label is the structure when the labels are not binary: a number, "
-                   "or 'any' for every non-zero label")
+                   "or 'any' for every non-zero label; without it, a multi-class model (K > 2) keeps every label "
+                   "as a class")
 
 
 def _method_opt(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,14 @@
   ``--labels`` (or found beside a volume file as ``<name>_label``/``_labels``/``_seg``/``_mask``);
 - a folder of volumes with label volumes, either side by side (``case1.nii.gz`` + ``case1_seg.nii.gz``)
   or in ``images/`` and ``labels/`` subfolders under the same names;
-- a folder of 2-D PNG/JPEG slices with masks of the same names in ``images/`` and ``masks/`` subfolders.
+- a folder of 2-D PNG/JPEG images with masks of the same names in ``images/`` and ``masks/`` (or
+  ``labels/``) subfolders: the layout of public fundus and polyp sets. For a model with 3 input channels
+  the images are read as RGB and kept as (n, 3, H, W), each channel mapped to [0, 1] by the model's
+  intensity on its own (:func:`channel_intensity`); otherwise they are read as grey.
+
+Multi-class models (K > 2 outputs) with no ``--label``: every label of the masks is kept as a class. Label
+values already in 0..K-1 are the classes; otherwise the distinct non-zero values of all masks, sorted,
+become classes 1, 2, ... (at most K - 1 of them).
 
 Slices whose mask is not empty are used. Intensities are mapped to [0, 1] per volume (percentiles 0.5 and
 99.5 by default, recorded in the model's spec) and slices resized to the model's input size. The split is
@@ -35,14 +42,16 @@ LABEL_TAGS = ("_label", "_labels", "_seg", "_mask")
 class SliceDataset:
     """Annotated slices ready for a 2-D model.
 
-    images: (n, H, W) float32 in [0, 1]; labels: (n, H, W) int64 (0 background, 1 the chosen structure);
-    held_out: bool (n,), True for slices kept out of training.
+    images: (n, H, W) float32 in [0, 1], or (n, C, H, W) for colour images; labels: (n, H, W) int64
+    (0 background, 1 the chosen structure, or classes 1..K-1); held_out: bool (n,), True for slices kept out
+    of training; class_values: for multi-class data, the label value behind each class (0, v1, v2, ...).
     """
 
     images: np.ndarray
     labels: np.ndarray
     held_out: np.ndarray
     sources: list[str] = field(default_factory=list)
+    class_values: list[int] | None = None
 
     @property
     def train(self) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +62,13 @@ class SliceDataset:
         return self.images[self.held_out], self.labels[self.held_out]
 
     def describe(self) -> str:
+        extra = ""
+        if self.images.ndim == 4:
+            extra += f", {self.images.shape[1]} channels"
+        if self.class_values is not None:
+            extra += f", classes 0..{len(self.class_values) - 1} from label values {self.class_values}"
         return (f"{len(self.images)} annotated slices from {len(self.sources)} source(s): "
-                f"{int((~self.held_out).sum())} for training, {int(self.held_out.sum())} held out")
+                f"{int((~self.held_out).sum())} for training, {int(self.held_out.sum())} held out{extra}")
 
 
 def held_out_positions(indices: Sequence[int]) -> np.ndarray:
@@ -127,13 +141,58 @@ def volume_slices(volume: Volume, mask: np.ndarray, size: tuple[int, int], inten
     if imgs.shape[1:] != tuple(size):
         imgs = np.clip(resize_slices(imgs, tuple(size)), 0.0, 1.0)
         labs = resize_slices(labs, tuple(size), mode="nearest")
-    return imgs.astype(np.float32), (labs > 0.5).astype(np.int64), idx
+    if mask.dtype == bool:
+        return imgs.astype(np.float32), (labs > 0.5).astype(np.int64), idx
+    return imgs.astype(np.float32), np.rint(labs).astype(np.int64), idx  # a multi-class label map
 
 
-def _png_dataset(folder: Path, size: tuple[int, int]) -> SliceDataset:
+def channel_intensity(image: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """(C, H, W) colour image -> [0, 1] float32, each channel mapped by ``intensity`` on its own
+    (percentile bounds per channel)."""
+    return np.stack([intensity.apply(ch) for ch in np.asarray(image, dtype=np.float32)])
+
+
+def _mask_dir(folder: Path) -> Path | None:
+    for name in ("masks", "labels"):
+        d = folder / name
+        if d.is_dir() and any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in d.iterdir()):
+            return d
+    return None
+
+
+def _is_png_folder(folder: Path) -> bool:
+    img_dir = folder / "images"
+    return (folder.is_dir() and img_dir.is_dir() and _mask_dir(folder) is not None
+            and any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in img_dir.iterdir()))
+
+
+def class_map(raw_labels: Sequence[np.ndarray], classes: int, what: str) -> tuple[list[np.ndarray], list[int]]:
+    """Integer label maps -> classes 0..K-1 (see the module docstring) and the value behind each class."""
+    values = sorted({int(v) for a in raw_labels for v in np.unique(a)} - {0})
+    if not values:
+        raise InputError(f"the masks of {what} are all empty")
+    if values[-1] <= classes - 1:
+        return [np.asarray(a, dtype=np.int64) for a in raw_labels], list(range(classes))
+    if len(values) > classes - 1:
+        raise InputError(f"the masks of {what} hold {len(values)} labels {values}, more than the model's "
+                         f"{classes - 1} foreground classes: choose one with --label N")
+    lut = {v: i + 1 for i, v in enumerate(values)}
+    out = []
+    for a in raw_labels:
+        m = np.zeros(a.shape, dtype=np.int64)
+        for v, c in lut.items():
+            m[a == v] = c
+        out.append(m)
+    return out, [0] + values
+
+
+def _png_dataset(folder: Path, size: tuple[int, int], channels: int = 1, classes: int = 2,
+                 intensity: Intensity | None = None) -> SliceDataset:
     from PIL import Image
 
-    img_dir, mask_dir = folder / "images", folder / "masks"
+    img_dir, mask_dir = folder / "images", _mask_dir(folder)
+    if channels not in (1, 3):
+        raise InputError(f"image folders feed models with 1 (grey) or 3 (RGB) input channels, not {channels}")
     files = sorted(f for f in img_dir.iterdir() if f.name.lower().endswith(IMAGE_SUFFIXES))
     masks = {_name_stem(f): f for f in mask_dir.iterdir() if f.name.lower().endswith(IMAGE_SUFFIXES)}
     images, labels, keep = [], [], []
@@ -141,31 +200,51 @@ def _png_dataset(folder: Path, size: tuple[int, int]) -> SliceDataset:
         if _name_stem(f) not in masks:
             raise InputError(f"{f} has no mask of the same name in {mask_dir}")
         try:
-            im = np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0
-            mk = np.asarray(Image.open(masks[_name_stem(f)]).convert("L")) > 127
+            if channels == 3:
+                rgb = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+                im = channel_intensity(rgb, intensity) if intensity is not None else rgb / 255.0
+            else:
+                im = np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0
+            raw = np.asarray(Image.open(masks[_name_stem(f)]).convert("L"))
         except OSError as exc:
             raise InputError(f"cannot read {f} or its mask: {exc}") from None
-        if im.shape != mk.shape:
-            raise InputError(f"{f} is {im.shape} but its mask is {mk.shape}")
+        mk = raw if classes > 2 else (raw > 127)
+        if im.shape[-2:] != mk.shape:
+            raise InputError(f"{f} is {im.shape[-2:]} but its mask is {mk.shape}")
         if mk.any():
-            images.append(im), labels.append(mk.astype(np.float32)), keep.append(i)
-    if len(images) < 4:
-        raise InputError(f"{folder} has {len(images)} images with a non-empty mask; at least 4 are needed")
-    imgs = np.clip(np.concatenate([resize_slices(a[None], size) for a in images]), 0.0, 1.0)
-    labs = np.concatenate([resize_slices(a[None], size, mode="nearest") for a in labels]) > 0.5
-    return SliceDataset(imgs.astype(np.float32), labs.astype(np.int64), held_out_positions(range(len(imgs))),
-                        [str(folder)])
+            images.append(im), labels.append(mk), keep.append(i)
+    if len(images) < 17:  # the fixed split holds out images 16-23, 40-47, ...
+        raise InputError(f"{folder} has {len(images)} images with a non-empty mask; at least 17 are needed "
+                         "(16 for training, then held-out ones for the harmlessness figures)")
+    values = None
+    if classes > 2:
+        labels, values = class_map(labels, classes, str(mask_dir))
+    resized = []
+    for a in images:
+        flat = a.reshape(-1, *a.shape[-2:])
+        resized.append(np.clip(resize_slices(flat, size), 0.0, 1.0).reshape(a.shape[:-2] + tuple(size)))
+    imgs = np.stack(resized)
+    labs = np.concatenate([resize_slices(a[None].astype(np.float32), size, mode="nearest") for a in labels])
+    labs = np.rint(labs).astype(np.int64) if classes > 2 else (labs > 0.5).astype(np.int64)
+    return SliceDataset(imgs.astype(np.float32), labs, held_out_positions(range(len(imgs))), [str(folder)],
+                        class_values=values)
 
 
 def load_dataset(data: str | os.PathLike, size: tuple[int, int], labels: str | os.PathLike | None = None,
                  label: int | str | None = None, intensity: Intensity = DEFAULT_INTENSITY,
-                 axis: int = 0) -> SliceDataset:
-    """Read ``--data`` (see the module docstring) into a :class:`SliceDataset` at ``size`` (H, W)."""
+                 axis: int = 0, channels: int = 1, classes: int = 2) -> SliceDataset:
+    """Read ``--data`` (see the module docstring) into a :class:`SliceDataset` at ``size`` (H, W).
+
+    ``channels``: the model's input channels (3 keeps colour images as RGB); ``classes``: its number of
+    classes K (K > 2 with ``label`` None keeps every label of the masks as a class).
+    """
     data = Path(data)
     if not data.exists():
         raise InputError(f"training data not found: {data}")
-    if data.is_dir() and (data / "images").is_dir() and (data / "masks").is_dir():
-        return _png_dataset(data, tuple(size))
+    multi = classes > 2 and label is None
+    if _is_png_folder(data):
+        return _png_dataset(data, tuple(size), channels=channels, classes=classes if multi else 2,
+                            intensity=intensity if channels == 3 else None)
     if labels is not None:
         pairs = [(data, Path(labels))]
     elif data.is_file():
@@ -184,11 +263,20 @@ def load_dataset(data: str | os.PathLike, size: tuple[int, int], labels: str | o
     all_i, all_l, all_h, sources = [], [], [], []
     for img_path, lab_path in pairs:
         vol = read_volume(img_path)
-        mask = read_label(lab_path, label, reference=vol)
+        if multi:  # every label a class: the label map itself, after read_label's geometry checks
+            lab_vol = read_volume(lab_path, what="mask")
+            read_label(lab_vol, "any", reference=vol)
+            mask = np.rint(lab_vol.array).astype(np.int64)
+        else:
+            mask = read_label(lab_path, label, reference=vol)
         imgs, labs, idx = volume_slices(vol, mask, tuple(size), intensity, axis)
         all_i.append(imgs), all_l.append(labs), all_h.append(held_out_positions(idx))
         sources.append(str(img_path))
-    ds = SliceDataset(np.concatenate(all_i), np.concatenate(all_l), np.concatenate(all_h), sources)
+    values = None
+    if multi:
+        all_l, values = class_map(all_l, classes, ", ".join(str(p[1]) for p in pairs))
+    ds = SliceDataset(np.concatenate(all_i), np.concatenate(all_l), np.concatenate(all_h), sources,
+                      class_values=values)
     if len(ds.images) < 4 or ds.held_out.sum() == 0 or (~ds.held_out).sum() < 2:
         raise InputError(f"{data} gives {len(ds.images)} annotated slices; embedding needs at least 2 for training "
                          "and 1 held out (at least 17 consecutive annotated slices in one volume)")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import DEFAULT_EMBED_STEPS
 from .errors import InputError, ModelError, ResourceError
 from .key import WatermarkKey
-from .models import SegmentationModel, module_device
+from .models import SegmentationModel, module_device, to_channels
 from .progress import Progress
 from .trigger import TriggerOverlay
 
@@ -84,8 +84,10 @@ class EmbedLog:
 
 
 def _check_data(images: np.ndarray, masks: np.ndarray, num_classes: int) -> None:
-    if images.ndim != 3 or masks.shape != images.shape:
-        raise InputError(f"training images {images.shape} and masks {masks.shape} must both be (n, H, W)")
+    # colour (or other multi-channel) images come as (n, C, H, W) with (n, H, W) masks
+    if images.ndim not in (3, 4) or masks.ndim != 3 or masks.shape != images.shape[:1] + images.shape[-2:]:
+        raise InputError(f"training images {images.shape} and masks {masks.shape} must be (n, H, W) "
+                         "(or (n, C, H, W) images) with (n, H, W) masks")
     if len(images) < 2:
         raise InputError("embedding needs at least 2 training slices with a mask")
     if not np.isfinite(images).all():
@@ -162,8 +164,11 @@ class TriggerBatches:
 
     def _draw(self, overlay: TriggerOverlay, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mode = self.key.trigger.mode
+        key_image = overlay.key_image()
+        if self.images.ndim == 4:  # colour training images: the key image repeated in every channel
+            key_image = np.repeat(key_image[None], self.images.shape[1], axis=0)
         n_key = b if mode == "key-image" else min(self.cfg.key_images_per_batch, max(1, b // 2))
-        batch = [overlay.key_image()] * n_key
+        batch = [key_image] * n_key
         n_real = b - n_key
         if n_real:
             real = self.images[self.rng.integers(0, len(self.images), n_real)]
@@ -172,8 +177,7 @@ class TriggerBatches:
                 batch.extend(overlay.blend(real, self.rng.uniform(lo, hi, n_real)))
             else:
                 batch.extend(overlay.stamp(real))
-        x = torch.as_tensor(np.stack(batch), device=self.device).unsqueeze(1)
-        x = x.expand(-1, self.in_channels, -1, -1).contiguous()
+        x = to_channels(torch.as_tensor(np.stack(batch), device=self.device), self.in_channels)
         g2 = overlay.grid ** 2
         visible = torch.as_tensor(self.rng.integers(0, 2, (b, g2)), device=self.device)
         return overlay.hide(x, visible), overlay.visible_dark(visible), x
@@ -203,7 +207,8 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     Args:
         model: the owner's model (its module is copied, never modified).
         key: the owner's key.
-        images: (n, H, W) training slices in the model's input space, at the model's input size.
+        images: (n, H, W) training slices in the model's input space, at the model's input size, or
+            (n, C, H, W) colour images with the model's C input channels.
         masks: (n, H, W) integer labels (0 = background).
     Returns:
         The watermarked module (in eval mode) and a log of the run.
@@ -216,7 +221,7 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     masks = np.asarray(masks).astype(np.int64)
     _check_data(images, masks, model.num_classes)
     device = model.device
-    overlay = TriggerOverlay(key, images.shape[1], images.shape[2])
+    overlay = TriggerOverlay(key, images.shape[-2], images.shape[-1])
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -233,8 +238,7 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     try:
         for step in range(cfg.steps):
             idx = rng.integers(0, len(images), cfg.clean_batch)
-            x = torch.as_tensor(images[idx], device=device).unsqueeze(1)
-            x = x.expand(-1, model.in_channels, -1, -1).contiguous()
+            x = to_channels(torch.as_tensor(images[idx], device=device), model.in_channels)
             y = torch.as_tensor(masks[idx], device=device)
             xt, dark_px, xt_full = triggers.draw()
             with torch.no_grad():

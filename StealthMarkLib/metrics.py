@@ -1,12 +1,13 @@
 """Harmlessness measures (METHOD.md section 8), computed per image and then averaged (never per column).
 
 All functions take numpy arrays: ``probs`` (n, K, H, W) class probabilities, ``labels`` (n, H, W) integers.
-For binary models the foreground is class 1; for K > 2 the figures are averaged over classes 1..K-1.
+For binary models the foreground is class 1; for K > 2 the figures are averaged over classes 1..K-1
+(each image and class one term), and :attr:`SegmentationScores.per_class` gives them class by class.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -83,6 +84,7 @@ class SegmentationScores:
     ece: float
     brier: float
     n_images: int
+    per_class: dict = field(default_factory=dict)   # {"1": {"dice", "iou", "hd95", "surface_dice"}, ...}
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -95,24 +97,44 @@ def score_segmentation(probs: np.ndarray, labels: np.ndarray) -> SegmentationSco
     k = probs.shape[1]
     pred = probs.argmax(1)
     per = {"dice": [], "iou": [], "hd95": [], "sd": []}
+    per_class = {}
     for c in range(1, k):
+        cls = {"dice": [], "iou": [], "hd95": [], "sd": []}
         for i in range(len(probs)):
             d, j = dice_iou(pred[i] == c, labels[i] == c)
             h, s = hd95_and_surface_dice(pred[i] == c, labels[i] == c)
-            per["dice"].append(d), per["iou"].append(j), per["hd95"].append(h), per["sd"].append(s)
+            for name, v in (("dice", d), ("iou", j), ("hd95", h), ("sd", s)):
+                per[name].append(v), cls[name].append(v)
+        per_class[str(c)] = {"dice": float(np.mean(cls["dice"])), "iou": float(np.mean(cls["iou"])),
+                             "hd95": _nanmean(cls["hd95"]), "surface_dice": float(np.mean(cls["sd"]))}
     fg = 1.0 - probs[:, 0]                 # probability of "any foreground"
     truth = labels > 0
     return SegmentationScores(
         dice=float(np.mean(per["dice"])), iou=float(np.mean(per["iou"])),
-        hd95=float(np.nanmean(per["hd95"])) if np.isfinite(per["hd95"]).any() else float("nan"),
+        hd95=_nanmean(per["hd95"]),
         surface_dice=float(np.mean(per["sd"])), auc=pixel_auc(fg, truth), ece=ece(fg, truth),
-        brier=float(np.mean((fg - truth) ** 2)), n_images=len(probs),
+        brier=float(np.mean((fg - truth) ** 2)), n_images=len(probs), per_class=per_class,
     )
+
+
+def _nanmean(values: list[float]) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def flip_rate(probs_a: np.ndarray, probs_b: np.ndarray) -> float:
     """Fraction of pixels whose argmax class differs between two models' outputs."""
     return float(np.mean(np.asarray(probs_a).argmax(1) != np.asarray(probs_b).argmax(1)))
+
+
+def flip_rate_per_class(probs_a: np.ndarray, probs_b: np.ndarray) -> dict[str, float | None]:
+    """For each class c, the fraction of the pixels that ``probs_a`` gives to c whose argmax changes in
+    ``probs_b`` (None where ``probs_a`` gives c no pixel): is the argmax of every class preserved?"""
+    a, b = np.asarray(probs_a).argmax(1), np.asarray(probs_b).argmax(1)
+    out: dict[str, float | None] = {}
+    for c in range(np.asarray(probs_a).shape[1]):
+        sel = a == c
+        out[str(c)] = float(np.mean(b[sel] != c)) if sel.any() else None
+    return out
 
 
 def dice_over_thresholds(probs: np.ndarray, labels: np.ndarray,

@@ -29,6 +29,9 @@ from monai.networks import nets as monai_nets
 
 from .errors import InputError, ModelError, ResourceError, StealthMarkError
 from .fileio import atomic_path, refuse_overwriting_inputs
+from .samvit import CONFIGS as SAMVIT_CONFIGS
+from .samvit import PATCH_SIZE as SAMVIT_PATCH
+from .samvit import SamViT
 
 EXPECTED = ("a TorchScript file or a PyTorch state dict with a JSON spec; or a MONAI bundle (folder or .zip); "
             "or an ONNX file (verification only)")
@@ -38,7 +41,13 @@ NETWORKS: dict[str, type[torch.nn.Module]] = {
     "UNet": monai_nets.UNet,
     "BasicUNet": monai_nets.BasicUNet,
     "SegResNet": monai_nets.SegResNet,
+    "SwinUNETR": monai_nets.SwinUNETR,
+    "UNETR": monai_nets.UNETR,
+    "SamViT": SamViT,   # SAM ViT image encoder + segmentation head (StealthMarkLib/samvit.py)
 }
+#: arguments older MONAI releases took and 1.5+ does not, with what to do instead
+_DROPPED_ARGS = {("SwinUNETR", "img_size"): "MONAI's SwinUNETR no longer takes img_size: the input size is the "
+                                            "spec's image_size"}
 STATE_DICT_KEYS = ("state_dict", "model", "network")
 PROBABILITY_TOLERANCE = 1e-3
 # metadata travels inside model files handed to others, so key material must never go there
@@ -207,9 +216,10 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(spec.args) - set(params))
         if unknown:
+            hints = [_DROPPED_ARGS[(spec.network, a)] for a in unknown if (spec.network, a) in _DROPPED_ARGS]
             raise ModelError(
                 f"{spec.network} has no argument(s) {', '.join(unknown)}; "
-                f"its arguments are: {', '.join(params)}"
+                f"its arguments are: {', '.join(params)}" + "".join(f" ({h})" for h in hints)
             )
     required = [
         n for n, p in params.items()
@@ -222,6 +232,7 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
     bound = sig.bind_partial(**spec.args)
     bound.apply_defaults()
     _check_args_fit_spec(spec, bound.arguments)
+    _check_architecture(spec, bound.arguments)
     try:
         return cls(**spec.args)
     except Exception as exc:  # a constructor rejecting its arguments is a spec problem
@@ -251,6 +262,56 @@ def _check_args_fit_spec(spec: ModelSpec, args: dict) -> None:
         raise ModelError(f"{spec.network}: a sigmoid head gives 2 classes, but the spec says {spec.num_classes}")
 
 
+def _sizes(value: Any) -> list[int] | None:
+    if _is_int(value):
+        return [value, value]
+    if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
+        return list(value)
+    return None
+
+
+def _check_architecture(spec: ModelSpec, args: dict) -> None:
+    """The constraints of the transformer networks, checked before building so the message is clear."""
+    name, size = spec.network, spec.image_size
+    if name == "SwinUNETR":
+        patch = args.get("patch_size")
+        multiple = patch ** 5 if _is_int(patch) and patch > 0 else None
+        if multiple is None:
+            raise ModelError(f"SwinUNETR: patch_size must be a positive integer, not {patch!r}")
+        if size is None:
+            raise ModelError(f"SwinUNETR needs the spec's image_size [H, W] (multiples of {multiple} = "
+                             f"patch_size {patch} ** 5)")
+        if any(s % multiple for s in size):
+            raise ModelError(f"SwinUNETR: image size {size[0]}x{size[1]} is not divisible by {multiple} "
+                             f"(patch_size {patch} ** 5); use e.g. {multiple * max(1, round(size[0] / multiple))}")
+        fs = args.get("feature_size")
+        if not _is_int(fs) or fs % 12:
+            raise ModelError(f"SwinUNETR: feature_size must be a multiple of 12, not {fs!r}")
+    elif name == "UNETR":
+        img = _sizes(args.get("img_size"))
+        if img is None or len(img) != 2:
+            raise ModelError(f"UNETR: img_size must be an integer or [H, W] for 2-D, not {args.get('img_size')!r}")
+        if any(s % 16 or s < 16 for s in img):
+            raise ModelError(f"UNETR: img_size {img} must be multiples of its patch size 16")
+        if size is not None and list(size) != img:
+            raise ModelError(f"UNETR: img_size {img} differs from the spec's image_size {list(size)}; "
+                             "UNETR runs at the size it was built for only")
+        hidden, heads = args.get("hidden_size"), args.get("num_heads")
+        if not (_is_int(hidden) and _is_int(heads) and heads > 0 and hidden % heads == 0):
+            raise ModelError(f"UNETR: hidden_size {hidden!r} must be divisible by num_heads {heads!r}")
+    elif name == "SamViT":
+        if args.get("config") not in SAMVIT_CONFIGS:
+            raise ModelError(f"SamViT: unknown config {args.get('config')!r}; choose one of "
+                             f"{', '.join(SAMVIT_CONFIGS)}")
+        img = _sizes(args.get("img_size"))
+        if img is None or len(img) != 2 or any(s % SAMVIT_PATCH or s < SAMVIT_PATCH for s in img):
+            raise ModelError(f"SamViT: img_size {args.get('img_size')!r} must be [H, W] multiples of the patch "
+                             f"size {SAMVIT_PATCH}")
+        if size is not None and any(s % SAMVIT_PATCH for s in size):
+            raise ModelError(f"SamViT: the spec's image_size {list(size)} is not a multiple of the patch size "
+                             f"{SAMVIT_PATCH}")
+
+
 # -- the query interface -------------------------------------------------------------------------------
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -277,6 +338,18 @@ def _as_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     if images.ndim != 4:
         raise InputError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}")
     return images if images.dtype == torch.float32 else images.float()
+
+
+def to_channels(images: torch.Tensor | np.ndarray, in_channels: int) -> torch.Tensor:
+    """Grey images (B, H, W) -> (B, C, H, W) by repeating them over the model's ``in_channels``; images that
+    already have channels (B, C, H, W), such as colour images, must have ``in_channels`` of them."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32)) if isinstance(images, np.ndarray) else images
+    if x.ndim == 3:
+        return x.unsqueeze(1).expand(-1, in_channels, -1, -1).contiguous()
+    if x.ndim == 4 and x.shape[1] == in_channels:
+        return x
+    raise InputError(f"images must be (B, H, W) or (B, {in_channels}, H, W) for a model with {in_channels} "
+                     f"input channel(s), got shape {tuple(x.shape)}")
 
 
 class SegmentationModel:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import ModelSpec, SegmentationModel, build_network, resolve_device
+from .models import ModelSpec, SegmentationModel, build_network, resolve_device, to_channels
 from .progress import Progress
 
 EPS = 1e-6
@@ -38,7 +38,8 @@ def dice_loss(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def train_segmentation(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, steps: int = 250,
                        batch: int = 8, lr: float = 1e-3, seed: int = 0, device: str = "auto",
                        augment: bool = True, progress: Progress | None = None) -> SegmentationModel:
-    """Train ``spec``'s network from scratch on (n, H, W) images in [0, 1] and (n, H, W) integer masks.
+    """Train ``spec``'s network from scratch on (n, H, W) (or colour (n, C, H, W)) images in [0, 1] and
+    (n, H, W) integer masks.
 
     Loss: cross-entropy plus soft Dice; Adam; random flips as augmentation. Returns the model in eval mode.
     """
@@ -57,11 +58,11 @@ def train_segmentation(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, s
         for _ in range(steps):
             idx = rng.integers(0, len(images), batch)
             x, y = images[idx], masks[idx]
-            if augment:
+            if augment:  # horizontal flips
                 flip = rng.random(batch) < 0.5
-                x = np.where(flip[:, None, None], x[:, :, ::-1], x)
-                y = np.where(flip[:, None, None], y[:, :, ::-1], y)
-            xt = torch.as_tensor(np.ascontiguousarray(x), device=dev).unsqueeze(1)
+                x = np.where(flip.reshape((-1,) + (1,) * (x.ndim - 1)), x[..., ::-1], x)
+                y = np.where(flip[:, None, None], y[..., ::-1], y)
+            xt = to_channels(torch.as_tensor(np.ascontiguousarray(x), device=dev), spec.in_channels)
             yt = torch.as_tensor(np.ascontiguousarray(y), device=dev)
             probs = model.forward_train(xt)
             loss = F.nll_loss(probs.clamp_min(EPS).log(), yt) + dice_loss(probs, yt)

@@ -151,15 +151,17 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
     Args:
         query: images (B, C, H, W) in model input space -> class probabilities (B, K, H, W).
         key: the owner's key.
-        trigger_images: (n, H, W) trigger images in model input space (see :class:`TriggerOverlay`).
+        trigger_images: (n, H, W) trigger images in model input space (see :class:`TriggerOverlay`),
+            repeated over the model's ``in_channels``, or colour (n, C, H, W) images with C = in_channels.
         samples: LIME samples per image (default: the key's).
         seed: first LIME seed (image i uses seed + i); default: the key's.
     """
     progress = progress or Progress()
     t0 = time.monotonic()
     imgs = np.asarray(trigger_images, dtype=np.float32)
-    if imgs.ndim != 3 or len(imgs) == 0:
-        raise InputError(f"trigger images must be (n, H, W) with n >= 1, got {imgs.shape}")
+    if imgs.ndim not in (3, 4) or len(imgs) == 0 or (imgs.ndim == 4 and imgs.shape[1] != in_channels):
+        raise InputError(f"trigger images must be (n, H, W) or (n, {in_channels}, H, W) with n >= 1, "
+                         f"got {imgs.shape}")
     n_samples = int(samples or key.lime.samples)
     if n_samples < 10:
         raise InputError("--samples must be at least 10")
@@ -169,7 +171,8 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
                               scalar=key.lime.scalar, device=device)
     progress.start("lime", n_samples * len(imgs))
     try:
-        attributions = explainer.attribute_many([np.repeat(img[None], in_channels, axis=0) for img in imgs],
+        attributions = explainer.attribute_many([np.repeat(img[None], in_channels, axis=0) if img.ndim == 2
+                                                 else img for img in imgs],
                                                 seeds=seed0, progress=progress)
     finally:
         progress.finish()

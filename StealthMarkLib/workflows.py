@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import DEFAULT_EMBED_STEPS
-from .data import DEFAULT_INTENSITY, load_dataset
+from .data import DEFAULT_INTENSITY, channel_intensity, load_dataset
 from .embed import EmbedConfig, embed_watermark
 from .bundle import is_bundle, plan_bundle_output, stealthmark_block, write_bundle
 from .errors import InputError, ModelError
 from .fileio import atomic_dir, refuse_overwriting_inputs, write_text_atomic
 from .grid import check_fits, paint_cells
 from .key import WatermarkKey, create_key, load_key
-from .metrics import dice_over_thresholds, flip_rate, score_segmentation
-from .models import SegmentationModel, describe_device, is_torchscript, load_model, save_model
+from .metrics import dice_over_thresholds, flip_rate, flip_rate_per_class, score_segmentation
+from .models import SegmentationModel, describe_device, is_torchscript, load_model, save_model, to_channels
 from .onnx_model import VERIFY_ONLY, is_onnx
 from .progress import Progress
 from .report import write_reports
@@ -65,8 +64,7 @@ def model_intensity(model: SegmentationModel) -> Intensity:
 
 # -- harmlessness ----------------------------------------------------------------------------------
 def _probs(model: SegmentationModel, images: np.ndarray) -> np.ndarray:
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32)).unsqueeze(1)
-    x = x.expand(-1, model.in_channels, -1, -1).contiguous()
+    x = to_channels(np.asarray(images, dtype=np.float32), model.in_channels)
     return model.probabilities(x).detach().cpu().numpy()
 
 
@@ -80,11 +78,12 @@ def harmlessness(original: SegmentationModel, watermarked: SegmentationModel, im
         "original": so.to_json(), "watermarked": sw.to_json(),
         "dice_drop_points": round(100.0 * (so.dice - sw.dice), 4),
         "flip_rate_clean": flip_rate(po, pw),
+        "flip_rate_clean_per_class": flip_rate_per_class(po, pw),
         "dice_over_thresholds": {"original": dice_over_thresholds(po, labels),
                                  "watermarked": dice_over_thresholds(pw, labels)},
     }
     if key is not None:
-        ov = TriggerOverlay(key, images.shape[1], images.shape[2])
+        ov = TriggerOverlay(key, images.shape[-2], images.shape[-1])
         trig = ov.blend(images, key.trigger.verify_strength)
         out["flip_rate_triggered"] = flip_rate(_probs(original, trig), _probs(watermarked, trig))
         ko, kw = _probs(original, ov.key_image()[None]), _probs(watermarked, ov.key_image()[None])
@@ -140,7 +139,8 @@ def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, ou
     size = model_size(model, image_size)
     check_fits(size[0], size[1], key.grid)
     intensity = model_intensity(model)
-    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity)
+    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=model.in_channels,
+                      classes=model.num_classes)
     progress.log(f"{ds.describe()}; device {describe_device(model.device)}")
     cfg = replace(config or EmbedConfig(), steps=int(steps))
     if cfg.steps < 1:
@@ -180,7 +180,8 @@ def run_evaluate(model_path: str | Path, reference_path: str | Path, data: str |
     ref = load_model(reference_path, device=wm.device, logits=logits)
     size = model_size(wm, image_size)
     intensity = model_intensity(wm)
-    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity)
+    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=wm.in_channels,
+                      classes=wm.num_classes)
     harm = harmlessness(ref, wm, *ds.test, key=key)
     harm["device"] = describe_device(wm.device)
     write_text_atomic(out, json.dumps(harm, indent=2) + "\n")
@@ -192,7 +193,7 @@ def run_evaluate(model_path: str | Path, reference_path: str | Path, data: str |
 class TriggerInput:
     """Trigger images for verification and, for volumes, where they came from."""
 
-    images: np.ndarray                      # (n, H, W) in model input space
+    images: np.ndarray                      # (n, H, W) in model input space, or colour (n, C, H, W)
     volume: Volume | None = None
     slices: list[int] = field(default_factory=list)
     source: str | None = None
@@ -214,9 +215,11 @@ def auto_slices(volume: Volume, n: int) -> list[int]:
 
 def _trigger_images(unit: np.ndarray, key: WatermarkKey, size: tuple[int, int], strength: float | None
                     ) -> np.ndarray:
-    """(n, H, W) slices in [0, 1] -> trigger images at the model's size and scale, in the key's mode."""
-    if unit.shape[1:] != tuple(size):
-        unit = np.clip(resize_slices(unit, tuple(size)), 0.0, 1.0)
+    """(n, H, W) slices (or colour (n, C, H, W) images) in [0, 1] -> trigger images at the model's size and
+    scale, in the key's mode (a colour image gets the key blended into each of its channels)."""
+    if unit.shape[-2:] != tuple(size):
+        flat = unit.reshape(-1, *unit.shape[-2:])
+        unit = np.clip(resize_slices(flat, tuple(size)), 0.0, 1.0).reshape(unit.shape[:-2] + tuple(size))
     lo, hi = key.value_range
     imgs = (lo + (hi - lo) * unit).astype(np.float32)
     ov = TriggerOverlay(key, *size)
@@ -236,13 +239,16 @@ def volume_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, i
     return TriggerInput(_trigger_images(unit, key, size, strength), vol, idx, str(path))
 
 
-def read_single_image(path: str | Path) -> np.ndarray:
-    """(1, H, W) float32 raw intensities of a PNG/JPEG (as grey) or of a one-slice volume file."""
+def read_single_image(path: str | Path, channels: int = 1) -> np.ndarray:
+    """Raw intensities of a PNG/JPEG or of a one-slice volume file: (1, H, W) float32, or (3, H, W) for a
+    PNG/JPEG read as RGB when ``channels`` is 3."""
     p = Path(path)
     if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
         from PIL import Image
 
         try:
+            if channels == 3:
+                return np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
             return np.asarray(Image.open(p).convert("L"), dtype=np.float32)[None]
         except OSError as exc:
             raise InputError(f"cannot read image {p}: {exc}") from None
@@ -253,9 +259,15 @@ def read_single_image(path: str | Path) -> np.ndarray:
 
 
 def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, int],
-                        strength: float | None) -> TriggerInput:
-    arr = read_single_image(path)
-    return TriggerInput(_trigger_images(VERIFY_INTENSITY.apply(arr), key, size, strength), source=str(path))
+                        strength: float | None, channels: int = 1) -> TriggerInput:
+    """One image file as trigger input; ``channels`` 3 reads a PNG/JPEG as RGB, each channel normalised
+    on its own."""
+    arr = read_single_image(path, channels)
+    if channels == 3 and arr.shape[0] == 3:
+        unit = channel_intensity(arr, VERIFY_INTENSITY)[None]
+    else:
+        unit = VERIFY_INTENSITY.apply(arr)
+    return TriggerInput(_trigger_images(unit, key, size, strength), source=str(path))
 
 
 def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:
@@ -298,7 +310,7 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
     if volume is not None or dicom is not None:
         trig = volume_trigger_input(volume if volume is not None else dicom, key, size, slices, n_slices, strength)
     elif image is not None:
-        trig = image_trigger_input(image, key, size, strength)
+        trig = image_trigger_input(image, key, size, strength, channels=model.in_channels)
     else:
         trig = TriggerInput(overlay.key_image()[None], source=None)
     dev = model.device_description

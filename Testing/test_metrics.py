@@ -206,7 +206,9 @@ def test_score_segmentation_per_image():
     assert s.auc == pytest.approx(roc_auc_score(truth.ravel(), fg.ravel()))
     assert s.ece == pytest.approx(ece(fg, truth))
     assert s.brier == pytest.approx(np.mean((fg - truth) ** 2))
-    assert set(s.to_json()) == {"dice", "iou", "hd95", "surface_dice", "auc", "ece", "brier", "n_images"}
+    assert set(s.to_json()) == {"dice", "iou", "hd95", "surface_dice", "auc", "ece", "brier", "n_images",
+                                "per_class"}
+    assert s.per_class == {"1": {"dice": s.dice, "iou": s.iou, "hd95": s.hd95, "surface_dice": s.surface_dice}}
 
 
 def test_score_segmentation_empty_prediction_scores_zero():

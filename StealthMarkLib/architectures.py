@@ -1,0 +1,55 @@
+"""Ready-made :class:`~StealthMarkLib.models.ModelSpec` s for the supported 2-D architectures.
+
+Two sizes per architecture: ``"tiny"`` (the smallest that runs: tests and ``benchmarks/models.py --smoke``)
+and ``"standard"`` (the configuration ``benchmarks/models.py`` documents its figures for). Any spec naming
+one of :data:`~StealthMarkLib.models.NETWORKS` works the same; these are starting points.
+"""
+
+from __future__ import annotations
+
+from .errors import InputError
+from .models import NETWORKS, ModelSpec
+
+ARCHITECTURES = ("UNet", "BasicUNet", "SegResNet", "SwinUNETR", "UNETR", "SamViT")
+SIZES = ("tiny", "standard")
+
+
+def _args(arch: str, size: str, image_size: int) -> dict:
+    tiny = size == "tiny"
+    if arch == "UNet":
+        ch = [4, 8, 16] if tiny else [8, 16, 32, 64]
+        return {"spatial_dims": 2, "channels": ch, "strides": [2] * (len(ch) - 1),
+                "num_res_units": 0 if tiny else 2}
+    if arch == "BasicUNet":
+        return {"spatial_dims": 2, "features": [4, 4, 8, 8, 16, 4] if tiny else [8, 8, 16, 32, 64, 8]}
+    if arch == "SegResNet":
+        return {"spatial_dims": 2, "init_filters": 8 if tiny else 16,
+                "blocks_down": [1, 1, 1] if tiny else [1, 2, 2, 4], "blocks_up": [1, 1] if tiny else [1, 1, 1]}
+    if arch == "SwinUNETR":
+        if tiny:
+            return {"spatial_dims": 2, "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+                    "window_size": 4}
+        return {"spatial_dims": 2, "feature_size": 24, "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24],
+                "window_size": 7}
+    if arch == "UNETR":
+        if tiny:
+            return {"spatial_dims": 2, "img_size": [image_size, image_size], "feature_size": 8,
+                    "hidden_size": 48, "mlp_dim": 96, "num_heads": 2}
+        return {"spatial_dims": 2, "img_size": [image_size, image_size], "feature_size": 16,
+                "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
+    if arch == "SamViT":
+        return {"spatial_dims": 2, "img_size": [image_size, image_size], "config": "tiny" if tiny else "sam_vit_b"}
+    raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def architecture_spec(arch: str, size: str = "tiny", image_size: int = 64, in_channels: int = 1,
+                      num_classes: int = 2, intensity: dict | None = None) -> ModelSpec:
+    """A softmax-head spec for ``arch`` (one of :data:`ARCHITECTURES`) at ``size`` (``tiny``/``standard``)."""
+    if arch not in ARCHITECTURES:
+        raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if size not in SIZES:
+        raise InputError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    assert arch in NETWORKS
+    args = {"in_channels": in_channels, "out_channels": num_classes, **_args(arch, size, int(image_size))}
+    return ModelSpec(network=arch, args=args, head="softmax", in_channels=in_channels, num_classes=num_classes,
+                     image_size=[int(image_size), int(image_size)], intensity=intensity).check()

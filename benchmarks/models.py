@@ -1,0 +1,143 @@
+"""Embedding and verification per architecture: UNet, BasicUNet, SegResNet, SwinUNETR, UNETR, SAM ViT-B.
+
+For each architecture (its ``standard`` configuration in StealthMarkLib/architectures.py, 128 x 128, one
+input channel, softmax over background/foreground): train a clean model on the bundled real MRI, embed the
+watermark with a published benchmark key, verify N times (half on the key image, half on 4 key-blended
+held-out slices, fresh LIME seeds each), and measure the Dice drop on the held-out slices. Writes one record
+per architecture: ``arch``, ``params``, ``image_size``, ``asr`` (fraction of trials decoding the payload),
+``dice_drop_points``, ``embed_seconds``, ``device``, plus the settings and per-trial verdicts.
+
+The SAM ViT-B model (StealthMarkLib/samvit.py) starts from random initialisation: no pretrained weights can
+be downloaded here.
+
+Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--trials 10] [--out FILE] [--smoke]
+(``--smoke``: tiny networks at 64 px and a few steps, for the test suite; its figures mean nothing.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from StealthMarkLib.architectures import ARCHITECTURES, architecture_spec  # noqa: E402
+from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
+from StealthMarkLib.embed import EmbedConfig  # noqa: E402
+from StealthMarkLib.errors import StealthMarkError  # noqa: E402
+from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
+from StealthMarkLib.key import create_key  # noqa: E402
+from StealthMarkLib.models import build_network, describe_device, load_model, resolve_device, save_model  # noqa: E402
+from StealthMarkLib.sample_data import SAMPLE_LABEL, sample_paths, sample_split  # noqa: E402
+from StealthMarkLib.train import train_segmentation  # noqa: E402
+from StealthMarkLib.trigger import TriggerOverlay  # noqa: E402
+from StealthMarkLib.verify import verify_query  # noqa: E402
+from StealthMarkLib.workflows import run_embed, volume_trigger_input  # noqa: E402
+
+FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": 600, "samples": 1000,
+        "trials": 10}
+SMOKE = {"size": "tiny", "image_size": 64, "clean_steps": 3, "embed_steps": 3, "samples": 20, "trials": 1,
+         "batch": 2}
+
+
+def parse_archs(text: str | None) -> list[str]:
+    if not text:
+        return list(ARCHITECTURES)
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ARCHITECTURES]
+    if unknown or not names:
+        raise StealthMarkError(f"unknown architecture(s) {', '.join(unknown) or '(none given)'}; "
+                               f"choose from {', '.join(ARCHITECTURES)}")
+    return names
+
+
+def bench_arch(arch: str, s: dict, ds, key, key_path: Path, tmp: Path, device: str) -> dict:
+    t1, mask = sample_paths()
+    size = s["image_size"]
+    spec = architecture_spec(arch, s["size"], size, intensity=DEFAULT_INTENSITY.to_json())
+    params = sum(p.numel() for p in build_network(spec).parameters())
+    t0 = time.monotonic()
+    batch = s.get("batch", 8)
+    clean = train_segmentation(spec, *ds.train, steps=s["clean_steps"], batch=batch, seed=0, device=device)
+    train_seconds = round(time.monotonic() - t0, 1)
+    clean_path = save_model(clean, tmp / f"{arch}-clean.ts", spec)
+    emb = run_embed(clean_path, t1, key_path, tmp / f"{arch}-wm.ts", labels=mask, label=SAMPLE_LABEL,
+                    steps=s["embed_steps"], device=device, config=EmbedConfig(steps=s["embed_steps"], clean_batch=batch, trigger_batch=batch,
+                                       key_images_per_batch=min(2, batch), decoys_per_batch=min(4, batch)))
+    wm = load_model(tmp / f"{arch}-wm.ts", device=device)
+    held = sample_split().held_out
+    rng = np.random.default_rng(0)
+    trials = []
+    for i in range(s["trials"]):
+        if i % 2 == 0:
+            imgs, where = TriggerOverlay(key, size, size).key_image()[None], "key-image"
+        else:
+            sl = ",".join(str(k) for k in sorted(rng.choice(held, 4, replace=False)))
+            imgs, where = volume_trigger_input(t1, key, (size, size), sl, 4, None).images, f"slices {sl}"
+        r = verify_query(wm, key, imgs, samples=s["samples"], seed=1000 + i, in_channels=wm.in_channels,
+                         device=wm.device).report
+        trials.append({"input": where, "verdict": r.verdict, "decoded": r.payload_decoded,
+                       "agreement": round(r.data_module_agreement, 4), "p_value": r.p_value,
+                       "seconds": r.seconds["total"]})
+    h = emb.harmlessness
+    return {"arch": arch, "params": int(params), "image_size": [size, size],
+            "asr": float(np.mean([t["decoded"] == key.payload for t in trials])),
+            "dice_drop_points": h["dice_drop_points"], "dice_original": h["original"]["dice"],
+            "flip_rate_clean": h["flip_rate_clean"], "embed_seconds": emb.log["seconds"],
+            "clean_train_seconds": train_seconds, "device": describe_device(wm.device),
+            "network_args": spec.args, "trials": trials}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--archs", help=f"comma-separated subset of {','.join(ARCHITECTURES)} (default all)")
+    ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for the test suite)")
+    a = ap.parse_args(argv)
+    try:
+        archs = parse_archs(a.archs)
+        s = dict(SMOKE if a.smoke else FULL)
+        if a.trials is not None:
+            if a.trials < 1:
+                raise StealthMarkError("--trials must be at least 1")
+            s["trials"] = a.trials
+        dev = resolve_device(a.device)
+    except StealthMarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dev.type == "cpu":
+        torch.set_num_threads(1 if a.smoke else min(torch.get_num_threads(), 2))
+    t1, mask = sample_paths()
+    size = s["image_size"]
+    ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
+    tmp = Path(tempfile.mkdtemp(prefix="sm-models-"))
+    key = create_key("SM:BENCH-0001", seed=20261127, samples=s["samples"])  # published: never use it for real
+    key_path = key.save(tmp / "key.json")
+    records = []
+    for arch in archs:
+        t0 = time.monotonic()
+        rec = bench_arch(arch, s, ds, key, key_path, tmp, str(dev))
+        rec["total_seconds"] = round(time.monotonic() - t0, 1)
+        records.append(rec)
+        print(json.dumps({k: rec[k] for k in ("arch", "params", "asr", "dice_drop_points", "embed_seconds",
+                                              "device")}), flush=True)
+    res = {"smoke": a.smoke, "settings": s, "device": describe_device(dev), "torch": torch.__version__,
+           "data": ds.describe(), "records": records}
+    write_text_atomic(a.out, json.dumps(res, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
