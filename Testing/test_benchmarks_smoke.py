@@ -1,6 +1,6 @@
 """Smoke runs of the benchmark suite (issue 5), so that the studies cannot rot.
 
-Studies 1 and 2 run in this process (their ``main`` with ``--smoke``); studies 3 and 5 run through
+Studies 1, 2 and 4 run in this process (their ``main`` with ``--smoke``); studies 3 and 5 run through
 ``benchmarks/gpu.sh --smoke`` (its CPU dry run), all sharing one model cache in a temporary folder; then
 ``make_results.py`` collects them. Real MONAI models, real LIME and real QR decoding at tiny sizes.
 """
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import common  # noqa: E402
 import make_results  # noqa: E402
 
 ATTACKS = {"none", "finetune", "prune", "fp16", "int8", "torchscript", "onnx", "input-noise", "input-blur",
@@ -34,6 +35,7 @@ def _num(v) -> bool:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, one_torch_thread):
+    import baselines_study
     import harmlessness
     import null_calibration
 
@@ -42,6 +44,7 @@ def results(tmp_path_factory, one_torch_thread):
     common = ["--smoke", "--out-dir", str(out), "--cache", str(cache)]
     assert null_calibration.main(common) == 0
     assert harmlessness.main(common) == 0
+    assert baselines_study.main(common) == 0
     env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(out), "CACHE_DIR": str(cache)}
     proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--smoke"], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -51,7 +54,7 @@ def results(tmp_path_factory, one_torch_thread):
 
 
 def test_every_study_writes_its_json_and_plot(results):
-    for name in ("null_calibration", "harmlessness", "robustness", "speed"):
+    for name in ("null_calibration", "harmlessness", "robustness", "baselines", "speed"):
         doc = json.loads((results / f"{name}.json").read_text())
         assert doc["settings"]["smoke"] is True and doc["environment"]["device"].startswith("cpu")
         png = results / doc["figure"]
@@ -107,11 +110,17 @@ def test_summary_has_exactly_the_issue_fields(results):
     assert _num(s["dice_drop_points"]) and _num(s["lime_speedup_vs_lime_package"])
     assert s["lime_speedup_vs_lime_package"] > 0
     assert s["min_samples_for_95pct"] is None or s["min_samples_for_95pct"] in (20, 40)
-    assert s["baselines"] == [] and s["device"].startswith("cpu")
+    assert s["device"].startswith("cpu")
+    assert [b["method"] for b in s["baselines"]] == ["stealthmark", "reference", "badnets"]
+    for b in s["baselines"]:
+        assert {"method", "asr", "dice_drop_points", "null_false_positives", "auc_drop_points"} <= set(b)
+        assert 0 <= b["asr"] <= 1 and _num(b["dice_drop_points"]) and _num(b["auc_drop_points"])
+        assert 0 <= b["null_false_positives"] <= b["null_verifications"] == 4
     assert {r["attack"] for r in s["robustness"]} == ATTACKS
     assert all(set(r) == {"attack", "setting", "asr", "dice"} for r in s["robustness"])
     md = (results / "RESULTS.md").read_text()
-    assert "SMOKE RUN" in md and "4. baselines" in md and "## 3. Robustness" in md
+    assert "SMOKE RUN" in md and "## 4. Baselines" in md and "## 3. Robustness" in md
+    assert "python benchmarks/baselines_study.py" in md and "baselines_qr.png" in md
 
 
 def test_missing_studies_are_null_not_invented(results, tmp_path):
@@ -121,13 +130,38 @@ def test_missing_studies_are_null_not_invented(results, tmp_path):
     assert make_results.main(["--results-dir", str(part)]) == 0
     s = json.loads((part / "summary.json").read_text())
     assert s["dice_drop_points"] is not None
-    for k in ("null_models", "null_decodes", "asr", "robustness", "lime_speedup_vs_lime_package",
+    for k in ("null_models", "null_decodes", "asr", "robustness", "baselines", "lime_speedup_vs_lime_package",
               "min_samples_for_95pct"):
         assert s[k] is None, k
     md = (part / "RESULTS.md").read_text()
     assert "1. null calibration (null_calibration.json)" in md and "5. speed (speed.json)" in md
+    assert "4. baselines (baselines.json)" in md
     assert make_results.main(["--results-dir", str(tmp_path / "nowhere")]) == 2
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_baselines_study(results):
+    doc = json.loads((results / "baselines.json").read_text())
+    by = {m["method"]: m for m in doc["methods"]}
+    assert set(by) == {"stealthmark", "reference", "badnets"}
+    assert doc["null_models"] == ["UNet 8-16-32 seed 100", "SegResNet 8 seed 101"]   # study 1's null models
+    for m in by.values():
+        assert len(m["trials"]) == 2 and m["null_verifications"] == 4 and len(m["null"]) == 4
+        assert 0 <= m["auc_original"] <= 1 and 0 <= m["auc_watermarked"] <= 1
+        assert abs(m["auc_drop_points"] - 100 * (m["auc_original"] - m["auc_watermarked"])) < 1e-3
+    # StealthMark's null verifications are study 1's (same models, inputs and LIME seeds)
+    null = json.loads((results / "null_calibration.json").read_text())
+    assert [t["agreement"] for t in by["stealthmark"]["null"]] == \
+        [t["agreement"] for m in null["null"] for t in m["trials"]]
+    assert by["stealthmark"]["null_false_positives"] == 0
+    # the reference design's flaw: its QR picture is the occlusion pattern, so it decodes on clean models
+    ref = by["reference"]
+    assert ref["null_qr_payload_decodes"] == 4 and all(t["qr_equals_occlusion_pattern"] for t in ref["null"])
+    q = doc["clean_model_qr"]
+    assert q["reference_qr_decodes"] == common.BENCH_PAYLOAD and q["reference_qr_equals_occlusion_pattern"]
+    assert q["stealthmark_clean_decodes"] is None and q["stealthmark_clean_verdict"] != "owned"
+    assert "triggered" in by["badnets"] and "flip_rate_triggered" in ref
+    assert "seed" not in json.dumps(doc["key"])
 
 
 def test_gpu_script_refuses_to_run_without_cuda(tmp_path):

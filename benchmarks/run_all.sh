@@ -27,7 +27,7 @@ ARGS+=(--out-dir "$OUT_DIR" "$@")
 mkdir -p "$OUT_DIR"
 
 times=()
-for study in null_calibration harmlessness robustness speed; do
+for study in null_calibration harmlessness baselines_study robustness speed; do
   t0=$SECONDS
   echo "== $study: $PYTHON benchmarks/$study.py ${ARGS[*]}"
   "$PYTHON" "benchmarks/$study.py" "${ARGS[@]}"
