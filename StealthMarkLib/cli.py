@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--slices", help="slices of the volume: 'auto' (default: --n-slices spread over its middle), "
                    "'all', '10:50:2' or '12,14,20'")
     v.add_argument("--n-slices", type=int, default=4, help="slices chosen by --slices auto (default 4)")
-    v.add_argument("--samples", type=int, help="LIME samples per trigger image (default: the key's, 1000)")
+    v.add_argument("--samples", type=int, help="LIME samples per trigger image (default: the key's, 1000, raised "
+                   "so that a verification makes at least 4000 queries: 4000 on the key image alone)")
     v.add_argument("--seed", type=int, help="LIME sampling seed (default: the key's)")
     v.add_argument("--strength", type=float, help="blend strength of the key (default: the key's)")
     v.add_argument("--batch-size", type=int, default=64, help="queries per forward pass (default 64)")
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
     d.add_argument("--embed-steps", type=int, default=DEFAULT_EMBED_STEPS,
                    help=f"embedding steps (default {DEFAULT_EMBED_STEPS})")
-    d.add_argument("--samples", type=int, default=1000, help="LIME samples per trigger image (default 1000)")
+    d.add_argument("--samples", type=int, help="LIME samples per trigger image (default: 1000 per slice, 4000 "
+                   "on the key image alone)")
     d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")
     _common(d)
     return ap

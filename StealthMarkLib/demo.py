@@ -31,7 +31,7 @@ class DemoSettings:
     out: Path = Path("stealthmark-demo")
     clean_steps: int = 300
     embed_steps: int = DEFAULT_EMBED_STEPS
-    samples: int = 1000
+    samples: int | None = None        # LIME samples per trigger image; None: the library's default
     n_slices: int = 4
     channels: tuple[int, ...] = (8, 16, 32, 64)
     image_size: int = 128
@@ -66,7 +66,7 @@ def run_demo(s: DemoSettings, progress: Progress | None = None) -> tuple[dict, b
 
     # 2. the key, 3. embedding (TorchScript in, TorchScript out)
     key_path = out / "key.json"
-    key = make_key(DEMO_PAYLOAD, key_path, force=True, seed=s.key_seed, samples=s.samples)
+    key = make_key(DEMO_PAYLOAD, key_path, force=True, seed=s.key_seed, samples=s.samples or 1000)
     progress.log(f"key commitment {key.commitment}")
     emb = run_embed(clean_path, t1_path, key_path, out / "watermarked" / "model.ts", labels=mask_path,
                     label=SAMPLE_LABEL, steps=s.embed_steps, device=s.device,
@@ -120,5 +120,5 @@ def format_table(summary: dict) -> str:
 
 
 def check_settings(s: DemoSettings) -> None:
-    if s.clean_steps < 1 or s.embed_steps < 1 or s.samples < 10 or s.n_slices < 1:
+    if s.clean_steps < 1 or s.embed_steps < 1 or (s.samples is not None and s.samples < 10) or s.n_slices < 1:
         raise InputError("demo step counts and slices must be positive and --samples at least 10")

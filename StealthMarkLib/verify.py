@@ -142,6 +142,18 @@ def decide(payload_match: bool, p_value: float) -> str:
     return "inconclusive"
 
 
+# By default a verification makes at least this many queries in all: one trigger image (the key image) gets
+# 4000 LIME samples, four blended slices 1000 each. Measured: on the key image alone N = 1000 left sampling
+# noise that cost the decode in some runs (94.7-98.1% agreement for one model, 99.0% with N = 3000).
+MIN_DEFAULT_QUERIES = 4000
+
+
+def default_samples(key: WatermarkKey, n_images: int) -> int:
+    """LIME samples per trigger image when none are given: the key's, raised so that the verification makes
+    at least :data:`MIN_DEFAULT_QUERIES` queries."""
+    return max(int(key.lime.samples), -(-MIN_DEFAULT_QUERIES // max(1, int(n_images))))
+
+
 def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray, *,
                  samples: int | None = None, seed: int | None = None, in_channels: int = 1,
                  batch_size: int = 64, device: Any = None, device_name: str = "cpu",
@@ -153,7 +165,7 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
         key: the owner's key.
         trigger_images: (n, H, W) trigger images in model input space (see :class:`TriggerOverlay`),
             repeated over the model's ``in_channels``, or colour (n, C, H, W) images with C = in_channels.
-        samples: LIME samples per image (default: the key's).
+        samples: LIME samples per image (default: :func:`default_samples`).
         seed: first LIME seed (image i uses seed + i); default: the key's.
     """
     progress = progress or Progress()
@@ -162,7 +174,7 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
     if imgs.ndim not in (3, 4) or len(imgs) == 0 or (imgs.ndim == 4 and imgs.shape[1] != in_channels):
         raise InputError(f"trigger images must be (n, H, W) or (n, {in_channels}, H, W) with n >= 1, "
                          f"got {imgs.shape}")
-    n_samples = int(samples or key.lime.samples)
+    n_samples = int(samples or default_samples(key, len(imgs)))
     if n_samples < 10:
         raise InputError("--samples must be at least 10")
     seed0 = key.lime.seed if seed is None else int(seed)

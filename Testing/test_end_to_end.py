@@ -74,9 +74,11 @@ def world(tmp_path_factory):
             "wm": wm_path, "dicom": dicom_dir, "ds": ds}
 
 
-def verify(world, model, out, *extra, key=None) -> dict:
-    rc = cli("verify", "--model", model, "--key", key or world["key"], "--out", out, "--samples", SAMPLES,
-             "--device", "cpu", *extra)
+def verify(world, model, out, *extra, key=None, samples=SAMPLES) -> dict:
+    """``samples`` None: the command's default (at least 4000 queries in all)."""
+    opts = ["--samples", samples] if samples is not None else []
+    rc = cli("verify", "--model", model, "--key", key or world["key"], "--out", out, *opts, "--device", "cpu",
+             *extra)
     assert rc == 0
     report = json.loads((Path(out) / "report.json").read_text())
     assert REPORT_FIELDS <= set(report)
@@ -99,11 +101,13 @@ def test_embed_writes_torchscript_with_metadata_and_harmlessness(world):
 
 
 def test_watermarked_model_is_owned_on_the_key_image(world):
-    r = verify(world, world["wm"], world["tmp"] / "v_key")
+    # the default sample count: one trigger image gets 4000 LIME samples (with 1000, sampling noise alone
+    # cost the decode in some runs)
+    r = verify(world, world["wm"], world["tmp"] / "v_key", samples=None)
     assert r["verdict"] == "owned", r
     assert r["payload_decoded"] == PAYLOAD and r["payload_match"]
     assert r["p_value"] <= 1e-9
-    assert r["n_queries"] == SAMPLES and r["n_trigger_images"] == 1
+    assert r["n_queries"] == 4000 and r["lime_samples"] == 4000 and r["n_trigger_images"] == 1
     assert set(r["seconds"]) == {"total", "queries", "regression", "decode"}
     assert r["device"].startswith("cpu")
     for name in ("report.html", "qr.png"):
@@ -144,25 +148,28 @@ def _inside_null_band(r: dict) -> bool:
     return lo <= r["data_module_agreement"] <= hi
 
 
+def _below_null_band_top(r: dict) -> bool:
+    return r["data_module_agreement"] <= null_band(r["n_data_modules"])[1]
+
+
 @pytest.mark.parametrize("which", ["clean", "other"])
-def test_clean_models_decode_nothing(world, which):
-    """Clean models never decode. Their agreement is usually inside the null band (verdict not-owned), but
-    the key's textures can leak into any model's uncertainty: up to ~64% agreement was measured for some
-    keys (verdict inconclusive), so only "never owned" is asserted here."""
+def test_clean_models_are_not_owned(world, which):
+    """Clean models: verdict not-owned, nothing decoded, agreement not above the 99.9% chance band (every
+    cell of the key image carries a tile, so no texture difference marks the QR for a model to leak)."""
     r = verify(world, world[which], world["tmp"] / f"v_{which}")
-    assert r["verdict"] != "owned" and r["payload_decoded"] is None, r
-    assert r["data_module_agreement"] < 0.7, r
+    assert r["verdict"] == "not-owned" and r["payload_decoded"] is None, r
+    assert _below_null_band_top(r), r
 
 
 @pytest.mark.parametrize("payload", [PAYLOAD, "SM:USURPER"])
-def test_wrong_key_decodes_nothing(world, payload):
-    """A key with another secret tile, with the owner's payload or a usurper's own, must not decode.
-
-    (Its agreement is not yet inside the null band: the model answers other tiles partly; see METHOD.)"""
+def test_wrong_keys_are_not_owned(world, payload):
+    """A key with another secret tile, with the owner's payload or a usurper's own: not-owned, nothing decoded,
+    agreement not above the chance band (the model answers its own secret tile only)."""
     wrong = world["tmp"] / f"wrong_key_{payload[3:]}.json"
     create_key(payload, seed=99).save(wrong)
     r = verify(world, world["wm"], world["tmp"] / f"v_wrong_{payload[3:]}", key=wrong)
-    assert r["verdict"] != "owned" and r["payload_decoded"] is None
+    assert r["verdict"] == "not-owned" and r["payload_decoded"] is None, r
+    assert _below_null_band_top(r), r
 
 
 def test_real_images_without_the_key_show_nothing(world):
