@@ -307,7 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(progress, JsonProgress):
         progress.emit("result", **json.loads(json.dumps(result, default=str)))
     else:
-        print(text, flush=True)
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:   # e.g. `stealthmark verify ... | head -1`: the reader has gone, not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 
