@@ -1,0 +1,65 @@
+"""Key specificity of one embedding recipe: embed the demo-size UNet (8,16,32,64) at 128 px on the bundled T1
+(clean model: 300 steps, seed 0, cached in /work/exp or $SM_CACHE), then verify with N = 1000 LIME samples
+(seed 7) on the key image and on 4 key-blended held-out slices (18,22,42,46): the owner's key, 4 wrong keys
+(same payload, seeds 5000-5003), 2 usurpers' keys (own payloads, seeds 6000-6001) and the clean model.
+Prints one line per verification: agreement, '*' when the QR decoded.
+
+    python benchmarks/key_specificity.py TAG THREADS STEPS KEYSEED
+    env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
+    batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight)
+
+The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
+at a time): SIDE=0 LR=1e-3 STEPS=600 (m8noside), SIDE=1 LR=1e-3 600 (m8side), SIDE=0 LR=1e-3 1800 (s1800),
+SIDE=0 LR=3e-3 1800 with key seeds 20261127 (s1800lr3), 7 (k7), 99 (k99), SIDE=1 LR=3e-3 1800/1200
+(side1800, side1200).
+"""
+import os, sys, time, warnings
+from pathlib import Path
+import torch
+warnings.filterwarnings("ignore")
+torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset
+from StealthMarkLib.key import create_key
+from StealthMarkLib.models import load_model, save_model, SegmentationModel
+from StealthMarkLib.sample_data import SAMPLE_LABEL, sample_paths
+from StealthMarkLib.train import demo_spec, train_segmentation
+from StealthMarkLib.verify import verify_query
+from StealthMarkLib.embed import EmbedConfig, embed_watermark
+from StealthMarkLib.workflows import volume_trigger_input, harmlessness
+from StealthMarkLib.trigger import TriggerOverlay
+
+tag = sys.argv[1]
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 600
+keyseed = int(sys.argv[4]) if len(sys.argv) > 4 else 20261127
+size = 128
+t1, mask = sample_paths()
+spec = demo_spec((8, 16, 32, 64), size, intensity=DEFAULT_INTENSITY.to_json())
+ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
+cp = Path(os.environ.get("SM_CACHE", "benchmarks/.cache")) / "key_specificity_clean.ts"
+if not cp.exists():
+    m = train_segmentation(spec, *ds.train, steps=300, seed=0, device="cpu")
+    save_model(m, cp, spec)
+clean = load_model(cp)
+D = int(os.environ.get("DECOYS", "8"))
+key = create_key("SM:BENCH-0001", seed=keyseed, decoys=D)
+t0 = time.time()
+mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, keep_trigger_masks=os.environ.get("SIDE","1")=="1", lr=float(os.environ.get("LR","1e-3")), trigger_batch=int(os.environ.get("TB","8")), decoys_per_batch=int(os.environ.get("DPB","4")), key_images_per_batch=int(os.environ.get("KIPB","2")), distill_weight=float(os.environ.get("DW","10"))))
+print(tag, "embed", round(time.time() - t0), "s", flush=True)
+wm = SegmentationModel(mod, clean.spec)
+h = harmlessness(clean, wm, *ds.test, key)
+print(tag, "dice drop", round(h["dice_drop_points"], 3), "flip", round(h["flip_rate_clean"], 5), "trig flip",
+      round(h["flip_rate_triggered"], 4), "keyimg", h["key_image"])
+def run(m, k, name):
+    out = []
+    for where in ("key", "blend"):
+        imgs = TriggerOverlay(k, size, size).key_image()[None] if where == "key" else \
+            volume_trigger_input(t1, k, (size, size), "18,22,42,46", 4, None).images
+        r = verify_query(m, k, imgs, samples=1000, seed=7).report
+        out.append(f"{where}:{r.data_module_agreement:.3f}{'*' if r.payload_decoded else ''}")
+    print(tag, name, " ".join(out), flush=True)
+run(wm, key, "OWNER")
+for j in range(4):
+    run(wm, create_key(key.payload, seed=5000 + j, decoys=D), f"wrong{j}")
+for j in range(2):
+    run(wm, create_key(f"SM:USURP-{j}", seed=6000 + j, decoys=D), f"usurp{j}")
+run(clean, key, "clean")
