@@ -189,8 +189,6 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], s
         return run_from_args(args, progress, label=_label(args.label) if args.command == "embed" else None,
                              image_size=_pair(args.image_size))
     if getattr(args, "detector", None) is not None:
-        from .errors import InputError
-
         raise InputError("--detector is only used with --method reference")
     if args.command == "keygen":
         key = wf.make_key(args.payload, args.out, force=args.force, version=args.qr_version, level=args.level,
