@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, help="LIME samples per trigger image (default: 1000 per slice, 4000 "
                    "on the key image alone)")
     d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")
+    d.add_argument("--random-key", action="store_true", help="draw a fresh secret key instead of the demo's "
+                   "published one (random keys may not decode on the key image: see README)")
     _common(d)
     return ap
 
@@ -256,7 +258,8 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], s
         from .demo import DemoSettings, check_settings, format_table, run_demo
 
         s = DemoSettings(out=Path(args.out), clean_steps=args.clean_steps, embed_steps=args.embed_steps,
-                         samples=args.samples, n_slices=args.n_slices, device=args.device)
+                         samples=args.samples, n_slices=args.n_slices, device=args.device,
+                         **({"key_seed": None} if args.random_key else {}))
         check_settings(s)
         summary, ok = run_demo(s, progress)
         return summary, format_table(summary), 0 if ok else 1

@@ -24,6 +24,11 @@ from .train import demo_spec, train_segmentation
 from .workflows import make_key, run_embed, run_verify
 
 DEMO_PAYLOAD = "SM:DEMO-0001"
+# The demo's published key (its seed is printed here, so never use it for a real model): measured to decode on
+# the key image and on key-blended slices with the demo's recipe (100% / 100% agreement). Random keys decode
+# on key-blended slices but, for about one key in four measured, not on the key image (README "How it
+# works"); `stealthmark demo --random-key` draws a fresh secret key instead.
+DEMO_KEY_SEED = 726934871
 
 
 @dataclass
@@ -36,7 +41,7 @@ class DemoSettings:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     image_size: int = 128
     device: str = "auto"
-    key_seed: int | None = None     # None: a fresh secret key every run
+    key_seed: int | None = DEMO_KEY_SEED   # None: a fresh secret key
 
 
 def held_out_slice_spec(n: int) -> str:
