@@ -318,3 +318,11 @@ def test_evaluate_command(world):
                "--labels", world["mask"], "--label", "any", "--key", world["key"], "--out", out) == 0
     h = json.loads(out.read_text())
     assert {"original", "watermarked", "dice_drop_points", "flip_rate_clean", "key_image"} <= set(h)
+
+
+def test_demo_defaults_agree():
+    """The demo's embedding steps (1500: within 5 minutes on a 2-core CPU) are the same in the CLI and in Python."""
+    from StealthMarkLib.cli import build_parser
+    from StealthMarkLib.demo import DEMO_EMBED_STEPS, DemoSettings
+
+    assert build_parser().parse_args(["demo"]).embed_steps == DEMO_EMBED_STEPS == DemoSettings().embed_steps
