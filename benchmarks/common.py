@@ -93,8 +93,16 @@ class Settings:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["out_dir"], d["cache"] = str(self.out_dir), str(self.cache)
+        d["out_dir"], d["cache"] = _shown(self.out_dir), _shown(self.cache)
         return d
+
+
+def _shown(path: Path) -> str:
+    """A path for the results files: relative to the repository when inside it (no machine's paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def settings(args: argparse.Namespace) -> Settings:

@@ -1,5 +1,5 @@
 """Key specificity of one embedding recipe: embed the demo-size UNet (8,16,32,64) at 128 px on the bundled T1
-(clean model: 300 steps, seed 0, cached in /work/exp or $SM_CACHE), then verify with N = 1000 LIME samples
+(clean model: 300 steps, seed 0, cached in benchmarks/.cache or $SM_CACHE), then verify with N = 1000 LIME samples
 (seed 7) on the key image and on 4 key-blended held-out slices (18,22,42,46): the owner's key, 4 wrong keys
 (same payload, seeds 5000-5003), 2 usurpers' keys (own payloads, seeds 6000-6001) and the clean model.
 Prints one line per verification: agreement, '*' when the QR decoded.
