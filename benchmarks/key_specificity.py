@@ -36,6 +36,7 @@ t1, mask = sample_paths()
 spec = demo_spec((8, 16, 32, 64), size, intensity=DEFAULT_INTENSITY.to_json())
 ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
 cp = Path(os.environ.get("SM_CACHE", "benchmarks/.cache")) / "key_specificity_clean.ts"
+cp.parent.mkdir(parents=True, exist_ok=True)
 if not cp.exists():
     m = train_segmentation(spec, *ds.train, steps=300, seed=0, device="cpu")
     save_model(m, cp, spec)
