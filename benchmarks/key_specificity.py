@@ -6,7 +6,8 @@ Prints one line per verification: agreement, '*' when the QR decoded.
 
     python benchmarks/key_specificity.py TAG THREADS STEPS KEYSEED
     env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
-    batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight)
+    batch), SIZE / CH / TILE (input size, UNet channels, secret tile px), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), SEGW (ground-truth weight), FW / FM (flip hinge
+    weight / margin), KIM=0|1 (EmbedConfig.keep_key_image_mask)
 
 The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
 at a time): SIDE=0 LR=1e-3 STEPS=600 (m8noside), SIDE=1 LR=1e-3 600 (m8side), SIDE=0 LR=1e-3 1800 (s1800),
@@ -31,20 +32,23 @@ from StealthMarkLib.trigger import TriggerOverlay
 tag = sys.argv[1]
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 600
 keyseed = int(sys.argv[4]) if len(sys.argv) > 4 else 20261127
-size = 128
+size = int(os.environ.get("SIZE", "128"))
+channels = tuple(int(c) for c in os.environ.get("CH", "8,16,32,64").split(","))
 t1, mask = sample_paths()
-spec = demo_spec((8, 16, 32, 64), size, intensity=DEFAULT_INTENSITY.to_json())
+spec = demo_spec(channels, size, intensity=DEFAULT_INTENSITY.to_json())
 ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
-cp = Path(os.environ.get("SM_CACHE", "benchmarks/.cache")) / "key_specificity_clean.ts"
+variant = "" if (size, channels) == (128, (8, 16, 32, 64)) else f"_{size}_{'-'.join(map(str, channels))}"
+cp = Path(os.environ.get("SM_CACHE", "benchmarks/.cache")) / f"key_specificity_clean{variant}.ts"
 cp.parent.mkdir(parents=True, exist_ok=True)
 if not cp.exists():
     m = train_segmentation(spec, *ds.train, steps=300, seed=0, device="cpu")
     save_model(m, cp, spec)
 clean = load_model(cp)
 D = int(os.environ.get("DECOYS", "8"))
-key = create_key("SM:BENCH-0001", seed=keyseed, decoys=D)
+T = int(os.environ.get("TILE", "4"))
+key = create_key("SM:BENCH-0001", seed=keyseed, decoys=D, tile=T)
 t0 = time.time()
-mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, keep_trigger_masks=os.environ.get("SIDE","1")=="1", lr=float(os.environ.get("LR","1e-3")), trigger_batch=int(os.environ.get("TB","8")), decoys_per_batch=int(os.environ.get("DPB","4")), key_images_per_batch=int(os.environ.get("KIPB","2")), distill_weight=float(os.environ.get("DW","10"))))
+mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, keep_trigger_masks=os.environ.get("SIDE","1")=="1", lr=float(os.environ.get("LR","1e-3")), trigger_batch=int(os.environ.get("TB","8")), decoys_per_batch=int(os.environ.get("DPB","4")), key_images_per_batch=int(os.environ.get("KIPB","2")), distill_weight=float(os.environ.get("DW","10")), seg_weight=float(os.environ.get("SEGW","1")), flip_weight=float(os.environ.get("FW","0")), flip_margin=float(os.environ.get("FM","2")), keep_key_image_mask=os.environ.get("KIM","0")=="1"))
 print(tag, "embed", round(time.time() - t0), "s", flush=True)
 wm = SegmentationModel(mod, clean.spec)
 h = harmlessness(clean, wm, *ds.test, key)
@@ -60,7 +64,7 @@ def run(m, k, name):
     print(tag, name, " ".join(out), flush=True)
 run(wm, key, "OWNER")
 for j in range(4):
-    run(wm, create_key(key.payload, seed=5000 + j, decoys=D), f"wrong{j}")
+    run(wm, create_key(key.payload, seed=5000 + j, decoys=D, tile=T), f"wrong{j}")
 for j in range(2):
-    run(wm, create_key(f"SM:USURP-{j}", seed=6000 + j, decoys=D), f"usurp{j}")
+    run(wm, create_key(f"SM:USURP-{j}", seed=6000 + j, decoys=D, tile=T), f"usurp{j}")
 run(clean, key, "clean")
