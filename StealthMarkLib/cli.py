@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import DEFAULT_EMBED_STEPS, __version__
+from .distributed import launched_rank, launched_world_size
 from .errors import Cancelled, InputError, ResourceError, StealthMarkError
 from .progress import JsonProgress, Progress, make_progress
 
@@ -80,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", help="watermark a model by fine-tuning",
                        description="Fine-tune a copy of a model so that the key's trigger spells the QR in its "
-                                   "uncertainty; writes OUT in the input's format and OUT's harmlessness JSON.")
+                                   "uncertainty; writes OUT in the input's format and OUT's harmlessness JSON. "
+                                   "Under torchrun (torchrun --nproc_per_node=K -m StealthMarkLib.cli embed ...) "
+                                   "K processes train together, each on its own batch (K times the batch), "
+                                   "gradients averaged (nccl on GPUs, gloo on the CPU); rank 0 writes and "
+                                   "reports. See README 'Distributed embedding'.")
     e.add_argument("--model", required=True, help="TorchScript file, state dict with a JSON spec, or MONAI bundle "
                    "(folder or .zip; OUT is then a bundle of the same layout)")
     e.add_argument("--spec", help="JSON spec of a state dict (default: MODEL's name with .json)")
@@ -182,10 +187,15 @@ def _label(v: str | None) -> int | str | None:
         raise InputError(f"--label must be a number or 'any', not {v!r}") from None
 
 
-def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], str, int]:
-    """Run one command; returns (result for JSON, text for the terminal, exit code)."""
+def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | None, str, int]:
+    """Run one command; returns (result for JSON, text for the terminal, exit code); the result is None on
+    the ranks other than 0 of a distributed embedding, which report nothing."""
     from . import workflows as wf
 
+    if launched_world_size() > 1 and (args.command != "embed" or
+                                    getattr(args, "method", "stealthmark") != "stealthmark"):
+        raise InputError("under torchrun only 'embed' (with --method stealthmark) runs distributed: run "
+                         f"'{args.command}' as one process")
     if getattr(args, "method", "stealthmark") != "stealthmark":
         from .baselines import run_from_args
 
@@ -203,6 +213,8 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any], s
         r = wf.run_embed(args.model, args.data, args.key, args.out, labels=args.labels, label=_label(args.label),
                          spec=args.spec, steps=args.steps, device=args.device, logits=args.logits,
                          image_size=_pair(args.image_size), progress=progress)
+        if r is None:   # another rank of a distributed run: rank 0 reports
+            return None, "", 0
         h = r.harmlessness
         text = (f"wrote {r.model} ({r.format}) and {r.harmlessness_file}\n"
                 f"held-out Dice {h['original']['dice']:.4f} -> {h['watermarked']['dice']:.4f} "
@@ -306,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
+    if result is None:
+        return code
     if isinstance(progress, JsonProgress):
         progress.emit("result", **json.loads(json.dumps(result, default=str)))
     else:
@@ -318,6 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(progress: Progress, exc: StealthMarkError, code: int) -> int:
     msg = str(exc) if not isinstance(exc, Cancelled) else "cancelled: nothing was written"
+    try:
+        rank = launched_rank()
+    except InputError:   # a broken torchrun environment: reported like any other error, by this process
+        rank = 0
+    if rank:   # another rank of a distributed run: its error on stderr, marked, never on the JSON stream
+        print(f"stealthmark: error (rank {rank}): {msg}", file=sys.stderr, flush=True)
+        return code
     if isinstance(progress, JsonProgress):
         progress.emit("error", message=msg, exit_code=code)
     print(f"stealthmark: error: {msg}", file=sys.stderr, flush=True)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import DEFAULT_EMBED_STEPS
+from . import DEFAULT_EMBED_STEPS, distributed
 from .errors import InputError, ModelError, ResourceError
 from .key import WatermarkKey
 from .models import SegmentationModel, module_device, to_channels
@@ -253,11 +253,12 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     _check_data(images, masks, model.num_classes)
     device = model.device
     overlay = TriggerOverlay(key, images.shape[-2], images.shape[-1])
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rng = distributed.rank_rng(cfg.seed)          # np.random.default_rng(cfg.seed) in one process
+    torch.manual_seed(distributed.rank_seed(cfg.seed))
 
     teacher = model.module.eval()
     student = clone_module(model.module).to(device).train()
+    distributed.broadcast_module(student)        # under torchrun: every rank starts from rank 0's weights
     for p in teacher.parameters():
         p.requires_grad_(False)
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
@@ -294,6 +295,7 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
             loss = loss_clean + cfg.trigger_weight * loss_trig
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sync_gradients(student)  # under torchrun: the gradient averaged over the ranks
             opt.step()
             clean_loss, trig_loss = float(loss_clean.detach()), float(loss_trig.detach())
             progress.advance(1, f"clean {clean_loss:.3f} trigger {trig_loss:.3f}")
@@ -301,6 +303,7 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
         raise ResourceError("out of GPU memory while embedding: lower --batch-size or use --device cpu") from None
     finally:
         progress.finish()
+    clean_loss, trig_loss = distributed.mean_over_ranks(clean_loss, trig_loss)
     student.eval()
     log = EmbedLog(steps=cfg.steps, seconds=round(time.monotonic() - t0, 2), device=str(device),
                    final_clean_loss=clean_loss, final_trigger_loss=trig_loss, trigger_mode=key.trigger.mode,

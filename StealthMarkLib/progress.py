@@ -59,6 +59,12 @@ class Progress:
     def log(self, message: str, **fields: Any) -> None:
         """A line of information for the user (never secrets)."""
 
+    def quiet(self) -> "Progress":
+        """A silent reporter that shares this one's cancellation (for the other ranks of a distributed run)."""
+        silent = Progress()
+        silent._cancel = self._cancel
+        return silent
+
     def callback(self) -> Callable[[int, int], None]:
         """A ``(done, total)`` callback for code that reports absolute counts (the LIME engine)."""
 

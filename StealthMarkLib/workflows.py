@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import DEFAULT_EMBED_STEPS
+from . import DEFAULT_EMBED_STEPS, distributed
 from .data import DEFAULT_INTENSITY, channel_intensity, load_dataset
 from .embed import EmbedConfig, embed_watermark
 from .bundle import is_bundle, plan_bundle_output, stealthmark_block, write_bundle
@@ -121,13 +121,24 @@ def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, ou
               labels: str | Path | None = None, label: int | str | None = None, spec: str | Path | None = None,
               steps: int = DEFAULT_EMBED_STEPS, device: str = "auto", logits: bool = False,
               image_size: tuple[int, int] | None = None, config: EmbedConfig | None = None,
-              progress: Progress | None = None) -> EmbedResult:
+              progress: Progress | None = None) -> EmbedResult | None:
     """Watermark ``model_path`` with the key; write OUT in the input's format and the harmlessness JSON.
 
     A MONAI bundle (folder or zip) gives a bundle of the same layout (see :mod:`StealthMarkLib.bundle`);
-    an ONNX file is refused (verification only).
+    an ONNX file is refused (verification only). Under torchrun every rank trains (see
+    :mod:`StealthMarkLib.distributed`) and rank 0 alone writes and returns the result; the others return None.
     """
     progress = progress or Progress()
+    with distributed.session(device) as info:
+        return _run_embed(model_path, data, key_path, out, labels, label, spec, steps, device, logits, image_size,
+                          config, progress, info)
+
+
+def _run_embed(model_path, data, key_path, out, labels, label, spec, steps, device, logits, image_size, config,
+               progress: Progress, info: distributed.DistInfo | None) -> EmbedResult | None:
+    if info is not None:
+        device = info.device
+        progress = progress if info.is_main else progress.quiet()
     out = Path(out)
     refuse_overwriting_inputs(out, [model_path, key_path, data, labels, spec])
     if is_onnx(model_path):
@@ -141,22 +152,31 @@ def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, ou
     intensity = model_intensity(model)
     ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=model.in_channels,
                       classes=model.num_classes)
-    progress.log(f"{ds.describe()}; device {describe_device(model.device)}")
+    where = describe_device(model.device)
+    if info is not None:
+        where += f"; {info.world_size} ranks ({info.backend})"
+    progress.log(f"{ds.describe()}; device {where}")
     cfg = replace(config or EmbedConfig(), steps=int(steps))
     if cfg.steps < 1:
         raise InputError("--steps must be at least 1")
     train_x, train_y = ds.train
     module, log = embed_watermark(model, key, train_x, train_y, cfg, progress)
+    training = log.to_json()
+    if info is not None:
+        hashes = distributed.agree_on_weights(module)   # a barrier: every rank has finished training
+        training["distributed"] = {**info.to_json(), "rank_weights_sha256": hashes}
+        if not info.is_main:
+            return None
     watermarked = SegmentationModel(module, model.spec, device=model.device, logits=model.logits)
     test_x, test_y = ds.test
     harm = harmlessness(model, watermarked, test_x, test_y, key)
     meta = dict(model.spec.metadata)
     meta["stealthmark"] = {"key_commitment": key.commitment, "embedded": datetime.now(timezone.utc).isoformat(),
-                           "training": log.to_json(), "data": ds.describe()}
+                           "training": training, "data": ds.describe()}
     new_spec = replace(model.spec, metadata=meta, image_size=list(size), intensity=intensity.to_json())
     if plan is not None:
         fmt = "monai_bundle"
-        block = stealthmark_block(key.commitment, log.to_json(), ds.describe(), new_spec)
+        block = stealthmark_block(key.commitment, training, ds.describe(), new_spec)
         write_bundle(plan, watermarked.module, replace(new_spec, metadata={}), block)
         if plan.dropped:
             progress.log(f"not carried into {out} (unwatermarked weight files): {', '.join(plan.dropped)}")
@@ -166,7 +186,7 @@ def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, ou
     hpath = harmlessness_path(out)
     write_text_atomic(hpath, json.dumps(harm, indent=2) + "\n")
     return EmbedResult(model=str(out), format=fmt, harmlessness_file=str(hpath), harmlessness=harm,
-                       log=log.to_json(), key_commitment=key.commitment, device=describe_device(model.device))
+                       log=training, key_commitment=key.commitment, device=where)
 
 
 def run_evaluate(model_path: str | Path, reference_path: str | Path, data: str | Path, key_path: str | Path,
