@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--mode", default="blended", choices=("key-image", "blended", "stamped"),
                    help="trigger mode (default blended; stamped is experimental)")
     k.add_argument("--samples", type=int, default=1000, help="LIME samples per trigger image (default 1000)")
+    k.add_argument("--tile", type=int, default=4,
+                   help="side in pixels of the secret texture tile, at most the cell size: 4 for 128 px models "
+                        "(6 px cells), 3 for 64 px models (3 px cells); default 4")
     k.add_argument("--force", action="store_true", help="replace an existing key file")
     _common(k, device=False)
 
@@ -205,7 +208,7 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
         raise InputError("--detector is only used with --method reference")
     if args.command == "keygen":
         key = wf.make_key(args.payload, args.out, force=args.force, version=args.qr_version, level=args.level,
-                          mask=args.mask, mode=args.mode, samples=args.samples)
+                          mask=args.mask, mode=args.mode, samples=args.samples, tile=args.tile)
         return ({"key": str(args.out), "commitment": key.commitment, **key.public_summary()},
                 f"wrote {args.out}\ncommitment (SHA-256): {key.commitment}\n"
                 "Keep the key file secret; register the commitment to prove ownership later.", 0)

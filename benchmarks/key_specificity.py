@@ -6,13 +6,18 @@ Prints one line per verification: agreement, '*' when the QR decoded.
 
     python benchmarks/key_specificity.py TAG THREADS STEPS KEYSEED
     env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
-    batch), SIZE / CH / TILE (input size, UNet channels, secret tile px), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), SEGW (ground-truth weight), FW / FM (flip hinge
-    weight / margin), KIM=0|1 (EmbedConfig.keep_key_image_mask)
+    batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), AUG=0|1
+    (EmbedConfig.augment_clean; the library's default when unset), SIZE / CH / TILE (input size, UNet
+    channels, secret tile px; default 128 / 8,16,32,64 / 4), SAVE (write the watermarked model there)
 
 The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
 at a time): SIDE=0 LR=1e-3 STEPS=600 (m8noside), SIDE=1 LR=1e-3 600 (m8side), SIDE=0 LR=1e-3 1800 (s1800),
 SIDE=0 LR=3e-3 1800 with key seeds 20261127 (s1800lr3), 7 (k7), 99 (k99), SIDE=1 LR=3e-3 1800/1200
-(side1800, side1200).
+(side1800, side1200): all without clean-batch augmentation (AUG=0). Session 3 (AUG=0 unless named):
+fw1 and segw01 (a flip hinge on clean images, and ground-truth weight 0.1: no effect on flips, since
+removed), fw1kim (an unmasked key-image row keeping the original's mask: mask not kept, since removed),
+aug (AUG=1: the default since), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps).
 """
 import os, sys, time, warnings
 from pathlib import Path
@@ -48,9 +53,18 @@ D = int(os.environ.get("DECOYS", "8"))
 T = int(os.environ.get("TILE", "4"))
 key = create_key("SM:BENCH-0001", seed=keyseed, decoys=D, tile=T)
 t0 = time.time()
-mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, keep_trigger_masks=os.environ.get("SIDE","1")=="1", lr=float(os.environ.get("LR","1e-3")), trigger_batch=int(os.environ.get("TB","8")), decoys_per_batch=int(os.environ.get("DPB","4")), key_images_per_batch=int(os.environ.get("KIPB","2")), distill_weight=float(os.environ.get("DW","10")), seg_weight=float(os.environ.get("SEGW","1")), flip_weight=float(os.environ.get("FW","0")), flip_margin=float(os.environ.get("FM","2")), keep_key_image_mask=os.environ.get("KIM","0")=="1"))
+overrides = {"keep_trigger_masks": os.environ.get("SIDE", "1") == "1", "lr": float(os.environ.get("LR", "1e-3"))}
+for env, name, typ in (("TB", "trigger_batch", int), ("DPB", "decoys_per_batch", int), ("KIPB", "key_images_per_batch", int),
+                       ("DW", "distill_weight", float)):
+    if env in os.environ:
+        overrides[name] = typ(os.environ[env])
+if "AUG" in os.environ:
+    overrides["augment_clean"] = os.environ["AUG"] == "1"
+mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, **overrides))
 print(tag, "embed", round(time.time() - t0), "s", flush=True)
 wm = SegmentationModel(mod, clean.spec)
+if os.environ.get("SAVE"):
+    save_model(wm, Path(os.environ["SAVE"]), clean.spec)
 h = harmlessness(clean, wm, *ds.test, key)
 print(tag, "dice drop", round(h["dice_drop_points"], 3), "flip", round(h["flip_rate_clean"], 5), "trig flip",
       round(h["flip_rate_triggered"], 4), "keyimg", h["key_image"])
