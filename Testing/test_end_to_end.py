@@ -1,4 +1,4 @@
-"""CI-size end to end: a small real MONAI UNet (101k parameters) trained on the bundled real MRI,
+"""CI-size end to end: a tiny real MONAI UNet (94.5k parameters, 64x64) trained on the bundled real MRI,
 watermarked through the CLI, verified black-box through the CLI (key image, NIfTI volume, DICOM series),
 with negative controls and every bad input of the embedding/verification issue. Real LIME, real decoders."""
 
@@ -28,16 +28,17 @@ from StealthMarkLib.verify import null_band, verify_query
 from StealthMarkLib.volume import read_volume
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-# 128 px, not 64: the key's secret 4 px tile needs cells of >= 4 px (QR version 1 at 64 px gives 3 px), and
-# at 64 px the watermark did not train in CI time (measured: 61-91% agreement).
-SIZE = 128
-CHANNELS = (8, 16, 32, 64)       # 101k parameters: the demo's UNet
-# The benchmark's configuration (benchmarks/effectiveness.py: 20/20 decodes), with its published key, keeps
-# CI deterministic; other keys are measured there. The keygen command is exercised on a second key file.
-# (A 98k UNet with another fixed key decoded on volumes but reached only 86% on the key image.)
+# 64 px: QR version 1 gives 3 px cells, so the key's secret tile is 3 px (keygen --tile 3), and the smaller
+# cells learn more slowly: twice the library's steps (measured in benchmarks/key_specificity.py, run s64aug:
+# 1800 steps reached 90-94%, 3600 decoded on the key image and on blended slices).
+SIZE = 64
+CHANNELS = (8, 16, 32, 60)       # 94.5k parameters
+TILE = 3
+# The benchmark's published key keeps CI deterministic; other keys are measured by the benchmarks. The keygen
+# command is exercised on a second key file.
 KEY_SEED = 20261127
 PAYLOAD = "SM:BENCH-0001"
-EMBED_STEPS = DEFAULT_EMBED_STEPS   # the library's recipe
+EMBED_STEPS = 2 * DEFAULT_EMBED_STEPS
 SAMPLES = 1000
 
 REPORT_FIELDS = {"verdict", "payload_decoded", "payload_match", "data_module_agreement", "bit_errors",
@@ -57,13 +58,13 @@ def world(tmp_path_factory):
     spec = demo_spec(CHANNELS, SIZE, intensity={"mode": "percentile", "low": 0.5, "high": 99.5})
     ds = load_dataset(t1, (SIZE, SIZE), labels=mask, label="any")
     clean = train_segmentation(spec, *ds.train, steps=300, seed=0, device="cpu")
-    assert sum(p.numel() for p in clean.module.parameters()) <= 101_000
+    assert sum(p.numel() for p in clean.module.parameters()) <= 100_000
     clean_path = save_model(clean, tmp / "clean.ts", spec)
     other = train_segmentation(demo_spec((8, 16, 32), SIZE), *ds.train, steps=150, seed=7, device="cpu")
     other_path = save_model(other, tmp / "other_clean.ts", other.spec)
     assert cli("keygen", "--payload", PAYLOAD, "--out", tmp / "fresh_key.json") == 0
     assert load_key(tmp / "fresh_key.json").payload == PAYLOAD
-    key_path = create_key(PAYLOAD, seed=KEY_SEED).save(tmp / "key.json")
+    key_path = create_key(PAYLOAD, seed=KEY_SEED, tile=TILE).save(tmp / "key.json")
     wm_path = tmp / "wm.ts"
     rc = cli("embed", "--model", clean_path, "--data", t1, "--labels", mask, "--label", "any", "--key", key_path,
              "--out", wm_path, "--steps", EMBED_STEPS, "--device", "cpu")
@@ -166,7 +167,7 @@ def test_wrong_keys_are_not_owned(world, payload):
     """A key with another secret tile, with the owner's payload or a usurper's own: not-owned, nothing decoded,
     agreement not above the chance band (the model answers its own secret tile only)."""
     wrong = world["tmp"] / f"wrong_key_{payload[3:]}.json"
-    create_key(payload, seed=99).save(wrong)
+    create_key(payload, seed=99, tile=TILE).save(wrong)
     r = verify(world, world["wm"], world["tmp"] / f"v_wrong_{payload[3:]}", key=wrong)
     assert r["verdict"] == "not-owned" and r["payload_decoded"] is None, r
     assert _below_null_band_top(r), r
