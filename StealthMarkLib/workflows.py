@@ -189,11 +189,19 @@ def run_evaluate(model_path: str | Path, reference_path: str | Path, data: str |
     key = load_key(key_path)
     wm = load_model(model_path, device=device, logits=logits)
     ref = load_model(reference_path, device=wm.device, logits=logits)
-    size = model_size(wm, image_size)
     intensity = model_intensity(wm)
-    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=wm.in_channels,
-                      classes=wm.num_classes)
-    harm = harmlessness(ref, wm, *ds.test, key=key)
+    if wm.spatial_dims == 3 or ref.spatial_dims == 3:
+        from .volume3d import harmlessness_3d, load_slabs, model_roi
+
+        if wm.spatial_dims != ref.spatial_dims or wm.spec.image_size != ref.spec.image_size:
+            raise InputError("--model and --reference must both be 3-D models with the same ROI")
+        harm = harmlessness_3d(ref, wm, load_slabs(data, model_roi(wm), labels=labels, label=label,
+                                                   intensity=intensity), key)
+    else:
+        size = model_size(wm, image_size)
+        ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=wm.in_channels,
+                          classes=wm.num_classes)
+        harm = harmlessness(ref, wm, *ds.test, key=key)
     harm["device"] = describe_device(wm.device)
     write_text_atomic(out, json.dumps(harm, indent=2) + "\n")
     return harm
