@@ -22,8 +22,7 @@ from StealthMarkLib.models import ModelSpec, SegmentationModel, build_network, l
 from StealthMarkLib.sample_data import SAMPLE_INTENSITY, sample_paths
 from StealthMarkLib.trigger import TriggerOverlay
 from StealthMarkLib.volume import Volume, read_volume, write_volume_like
-from StealthMarkLib.volume3d import (hide_columns, key_slab, load_slabs, predict_volume, slab_slices,
-                                     visible_dark_columns)
+from StealthMarkLib.volume3d import hide_columns, key_slab, load_slabs, predict_volume, visible_dark_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = "SM:3D-TEST"
@@ -243,7 +242,7 @@ def embedded(world):
     return out, harm
 
 
-def test_embedded_3d_model_records_its_roi_and_keeps_its_masks(embedded):
+def test_embedded_3d_model_records_its_roi_and_keeps_its_masks(world, embedded, tmp_path):
     out, harm = embedded
     m = load_model(out, device="cpu")
     assert m.spatial_dims == 3 and m.spec.image_size == list(ROI)
@@ -252,6 +251,13 @@ def test_embedded_3d_model_records_its_roi_and_keeps_its_masks(embedded):
     assert harm["n_slabs"] == 2 and harm["roi"] == list(ROI)
     assert harm["dice_drop_points"] < 1.0 and harm["flip_rate_clean"] < 0.02, harm
     assert harm["volume_sliding_window"]["watermarked_dice"] > 0.85, harm
+    # `evaluate` gives the same figures from the saved files
+    r = cli("evaluate", "--model", out, "--reference", world["clean"], "--data", world["t1"], "--labels",
+            world["mask"], "--label", "any", "--key", world["key"], "--out", tmp_path / "harm.json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    again = json.loads((tmp_path / "harm.json").read_text())
+    assert again["dice_drop_points"] == pytest.approx(harm["dice_drop_points"], abs=0.01)
+    assert again["volume_sliding_window"] == pytest.approx(harm["volume_sliding_window"], abs=1e-3)
 
 
 def test_watermark_evidence_of_a_3d_model_leaves_the_chance_band_and_clean_is_not_owned(world, embedded,
