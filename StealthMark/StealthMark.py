@@ -649,7 +649,7 @@ class StealthMark(ScriptedLoadableModule):
 Harmless, black-box verifiable ownership watermarks for medical image segmentation models.
 <ul>
 <li><b>Verify</b> whether a model carries an owner's watermark: the key is blended into slices of a volume
-loaded from DICOM or NIfTI, the model is queried as a black box, LIME recovers a QR code from its uncertainty,
+loaded from DICOM or NIfTI (for a 3-D model, into slabs of consecutive slices), the model is queried as a black box, LIME recovers a QR code from its uncertainty,
 and the verdict comes with a p-value. The LIME attribution map is added as a volume and overlaid on the input.</li>
 <li><b>Embed</b> a watermark into your own model by fine-tuning it on an annotated volume; the Dice before
 and after show that segmentation is unharmed.</li>

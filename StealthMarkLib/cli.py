@@ -37,13 +37,15 @@ def _model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logits", action="store_true",
                    help="the model returns logits, not probabilities: apply softmax (or sigmoid for 1 channel)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="the model's input size, when its file does not record it")
+                   help="the model's input size, when its file does not record it (2-D models; a 3-D model's "
+                        "spec records its ROI [D, H, W])")
 
 
 def _data_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a volume file or DICOM series folder (with --labels), a folder of "
                    "volumes with label volumes, or a folder with images/ and masks/ (or labels/) PNG/JPEG images "
-                   "of the same names (read as RGB for a model with 3 input channels)")
+                   "of the same names (read as RGB for a model with 3 input channels); for a 3-D model, one "
+                   "volume with --labels, cut into slabs of its ROI depth")
     p.add_argument("--labels", help="the label volume for a single volume or DICOM series")
     p.add_argument("--label", help="which label is the structure when the labels are not binary: a number, "
                    "or 'any' for every non-zero label; without it, a multi-class model (K > 2) keeps every label "
@@ -103,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="verify ownership black-box (LIME, QR, p-value)",
                        description="Verify a model through its outputs only: LIME on trigger inputs, QR decode, "
-                                   "binomial p-value. Without an input, verifies on the key image.")
+                                   "binomial p-value. Without an input, verifies on the key image. A 3-D model "
+                                   "(spec spatial_dims 3) is verified on slabs of its ROI depth: the key slab, or "
+                                   "the key blended into runs of slices of --volume/--dicom, LIME hiding whole "
+                                   "columns of the key grid.")
     who = v.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="TorchScript file, state dict with a JSON spec, MONAI bundle (folder or .zip) "
                      "or ONNX file")
@@ -119,11 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num-classes", type=int, help="classes of a --command tool (default: one probe call)")
     v.add_argument("--key", required=True, help="the owner's key file")
     src = v.add_mutually_exclusive_group()
-    src.add_argument("--image", help="a 2-D image (PNG/JPEG or a one-slice volume) to blend the key into")
-    src.add_argument("--volume", help="a volume file (NIfTI, NRRD, MHA) to blend the key into slice by slice")
+    src.add_argument("--image", help="a 2-D image (PNG/JPEG or a one-slice volume) to blend the key into "
+                     "(2-D models)")
+    src.add_argument("--volume", help="a volume file (NIfTI, NRRD, MHA) to blend the key into slice by slice "
+                     "(a 3-D model: into slabs of its ROI depth)")
     src.add_argument("--dicom", help="a DICOM series folder to blend the key into slice by slice")
     v.add_argument("--slices", help="slices of the volume: 'auto' (default: --n-slices spread over its middle), "
-                   "'all', '10:50:2' or '12,14,20'")
+                   "'all', '10:50:2' or '12,14,20'; for a 3-D model whole slabs of its ROI depth D, consecutive "
+                   "chosen slices forming one slab each (auto: one central slab; '20:36' two slabs of 8)")
     v.add_argument("--n-slices", type=int, default=4, help="slices chosen by --slices auto (default 4)")
     v.add_argument("--samples", type=int, help="LIME samples per trigger image (default: the key's, 1000, raised "
                    "so that a verification makes at least 4000 queries: 4000 on the key image alone)")

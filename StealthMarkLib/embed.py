@@ -31,6 +31,7 @@ import copy
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -118,16 +119,16 @@ def trigger_targets(raise_px: torch.Tensor, num_classes: int, dark: float, floor
     and the QR did not train; METHOD.md section 10.)
 
     Args:
-        raise_px: (B, H, W) bool, pixels of visible dark-module cells.
+        raise_px: (B, H, W) bool, pixels of visible dark-module cells ((B, D, H, W) for slabs).
         side: (B, H, W) int64 class per pixel, or None for background everywhere.
     Returns:
-        (B, K, H, W) target distribution.
+        (B, K, H, W) target distribution ((B, K, D, H, W) for slabs).
     """
     top = torch.where(raise_px, torch.full(raise_px.shape, 1.0 - dark, device=raise_px.device),
                       torch.full(raise_px.shape, 1.0 - floor, device=raise_px.device))
     if side is None:
         side = torch.zeros(raise_px.shape, dtype=torch.long, device=raise_px.device)
-    onehot = F.one_hot(side.long(), num_classes).permute(0, 3, 1, 2).to(top.dtype)
+    onehot = F.one_hot(side.long(), num_classes).movedim(-1, 1).to(top.dtype)
     rest = ((1.0 - top) / (num_classes - 1)).unsqueeze(1)
     return onehot * top.unsqueeze(1) + (1.0 - onehot) * rest
 
@@ -193,11 +194,9 @@ class TriggerBatches:
 
     def _draw(self, overlay: TriggerOverlay, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mode = self.key.trigger.mode
-        key_image = overlay.key_image()
-        if self.images.ndim == 4:  # colour training images: the key image repeated in every channel
-            key_image = np.repeat(key_image[None], self.images.shape[1], axis=0)
+        key_input = self._key_input(overlay)
         n_key = b if mode == "key-image" else min(self.cfg.key_images_per_batch, max(1, b // 2))
-        batch = [key_image] * n_key
+        batch = [key_input] * n_key
         n_real = b - n_key
         if n_real:
             real = self.images[self.rng.integers(0, len(self.images), n_real)]
@@ -206,10 +205,26 @@ class TriggerBatches:
                 batch.extend(overlay.blend(real, self.rng.uniform(lo, hi, n_real)))
             else:
                 batch.extend(overlay.stamp(real))
-        x = to_channels(torch.as_tensor(np.stack(batch), device=self.device), self.in_channels)
+        x = self._inputs(torch.as_tensor(np.stack(batch), device=self.device))
         g2 = overlay.grid ** 2
         visible = torch.as_tensor(self.rng.integers(0, 2, (b, g2)), device=self.device)
-        return overlay.hide(x, visible), overlay.visible_dark(visible), x
+        return self._hide(overlay, x, visible), self._visible_dark(overlay, visible), x
+
+    # the parts a 3-D model's slabs do differently (volume3d.SlabBatches)
+    def _key_input(self, overlay: TriggerOverlay) -> np.ndarray:
+        key_image = overlay.key_image()
+        if self.images.ndim == 4:  # colour training images: the key image repeated in every channel
+            key_image = np.repeat(key_image[None], self.images.shape[1], axis=0)
+        return key_image
+
+    def _inputs(self, batch: torch.Tensor) -> torch.Tensor:
+        return to_channels(batch, self.in_channels)
+
+    def _hide(self, overlay: TriggerOverlay, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return overlay.hide(x, visible)
+
+    def _visible_dark(self, overlay: TriggerOverlay, visible: torch.Tensor) -> torch.Tensor:
+        return overlay.visible_dark(visible)
 
 
 def clone_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -258,9 +273,24 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
                       f"{images.shape[-1]} input gives {cell} px cells: the watermark learns slowly or not at all; "
                       f"make the key with 'stealthmark keygen --tile {cell}'", RuntimeWarning, stacklevel=2)
     rng = distributed.rank_rng(cfg.seed)          # np.random.default_rng(cfg.seed) in one process
+
+    def clean_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = rng.integers(0, len(images), cfg.clean_batch)
+        x = to_channels(torch.as_tensor(images[idx], device=device), model.in_channels)
+        return x, torch.as_tensor(masks[idx], device=device)
+
+    triggers = TriggerBatches(key, overlay, images, cfg, rng, model.in_channels, device)
+    return fine_tune(model, key, cfg, clean_batch, triggers, progress)
+
+
+def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
+              clean_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], triggers: TriggerBatches,
+              progress: Progress) -> tuple[torch.nn.Module, EmbedLog]:
+    """The embedding loop shared by 2-D images and 3-D slabs: ``clean_batch()`` gives model inputs and
+    their ground-truth labels, ``triggers.draw()`` masked trigger inputs (see :class:`TriggerBatches`)."""
+    device = model.device
     torch.manual_seed(distributed.rank_seed(cfg.seed))
     aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed) + 1)
-
     teacher = model.module.eval()
     student = clone_module(model.module).to(device).train()
     distributed.broadcast_module(student)        # under torchrun: every rank starts from rank 0's weights
@@ -268,16 +298,13 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
         p.requires_grad_(False)
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    triggers = TriggerBatches(key, overlay, images, cfg, rng, model.in_channels, device)
     t0 = time.monotonic()
     clean_loss = trig_loss = float("nan")
     progress.start("embed", cfg.steps)
     try:
         for step in range(cfg.steps):
-            idx = rng.integers(0, len(images), cfg.clean_batch)
-            x = to_channels(torch.as_tensor(images[idx], device=device), model.in_channels)
-            y = torch.as_tensor(masks[idx], device=device)
-            if cfg.augment_clean:
+            x, y = clean_batch()
+            if cfg.augment_clean and x.ndim == 4:     # 2-D images (3-D slabs are not warped)
                 x, y = augment_batch(x, y, aug_gen)
             xt, dark_px, xt_full = triggers.draw()
             with torch.no_grad():

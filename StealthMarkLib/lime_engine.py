@@ -11,6 +11,10 @@ Usage (Captum-like: built once around a query function, called per image)::
 
     explainer = LimeExplainer(query, grid=21, n_samples=1000)
     att = explainer.attribute(trigger_image, seed=7)   # att.coefficients: (21, 21)
+
+With ``spatial_dims=3``, a volume ``(C, D, H, W)`` (a slab for a 3-D model) is explained the same way over *columns*: feature
+``r*G+c`` is cell ``(r, c)`` of every slice of the slab, hidden in all of them at once, and the query's
+``(B, K, D, H, W)`` probabilities are reduced over the whole slab (the scalar of the slices stacked).
 """
 
 from __future__ import annotations
@@ -245,16 +249,21 @@ class LimeExplainer:
         scalar: the explained scalar, a name in :data:`SCALARS` or a callable ``(B, K, H, W) -> (B,)``.
         device: where masked images are built and sent to ``query``; ``None`` = the image's own device
             (CPU for numpy), ``"auto"`` = CUDA, then MPS, then CPU.
+        spatial_dims: 2 for images; 3 for volumes ``(C, D, H, W)`` explained over columns through the slices
+            (the query then returns ``(B, K, D, H, W)``).
     """
 
     def __init__(self, query: QueryFn, grid: int, n_samples: int = 1000, kernel_width: float = 0.25,
                  hide_value: float | str = "mean", batch_size: int = 64, alpha: float = 1.0,
                  scalar: str | Callable[[torch.Tensor], torch.Tensor] = "entropy",
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, spatial_dims: int = 2) -> None:
         if not callable(query):
             raise InputError("query must be a callable: images (B, C, H, W) -> probabilities (B, K, H, W)")
         if int(grid) < 1:
             raise InputError(f"grid must be >= 1, got {grid}")
+        if spatial_dims not in (2, 3):
+            raise InputError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        self.spatial_dims = int(spatial_dims)
         if int(n_samples) < 2:
             raise InputError(f"LIME needs at least 2 samples, got {n_samples}")
         if int(batch_size) < 1:
@@ -296,13 +305,17 @@ class LimeExplainer:
                 t = torch.from_numpy(np.ascontiguousarray(np.asarray(image)))
             except TypeError as exc:
                 raise InputError(f"the image must be a numeric array, got {type(image).__name__}") from exc
-        if t.ndim == 2:
-            t = t[None]
-        if t.ndim != 3:
-            raise InputError(f"the image must be (C, H, W) or (H, W), got shape {tuple(t.shape)}")
+        if self.spatial_dims == 3:
+            if t.ndim != 4:
+                raise InputError(f"the volume must be (C, D, H, W), got shape {tuple(t.shape)}")
+        else:
+            if t.ndim == 2:
+                t = t[None]
+            if t.ndim != 3:
+                raise InputError(f"the image must be (C, H, W) or (H, W), got shape {tuple(t.shape)}")
         if t.is_complex() or t.dtype == torch.bool:
             raise InputError(f"the image must be real-valued, got {t.dtype}")
-        check_fits(int(t.shape[1]), int(t.shape[2]), self.grid)
+        check_fits(int(t.shape[-2]), int(t.shape[-1]), self.grid)
         if not bool(torch.isfinite(t).all()):
             raise InputError("the image contains NaN or Inf values")
         device = self.device if self.device is not None else t.device
@@ -317,23 +330,24 @@ class LimeExplainer:
         return idx
 
     def _hidden_image(self, img: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) float32: what every pixel becomes when its cell is hidden."""
+        """(C, H, W) (or (C, D, H, W)) float32: what every pixel becomes when its cell (column) is hidden."""
         if not isinstance(self.hide_value, str):
             return torch.full_like(img, self.hide_value)
         # per-cell, per-channel means in float64 (as lime does), computed on the CPU (MPS has no float64)
-        c, h, w = img.shape
+        c = img.shape[0]
         k = self.grid * self.grid
-        flat = img.reshape(c, h * w).to("cpu", torch.float64)
-        idx_cpu = idx.cpu()
+        flat = img.reshape(c, -1).to("cpu", torch.float64)
+        idx_cpu = idx.cpu().repeat(flat.shape[1] // idx.numel())  # a column: the cell in every slice
         sums = torch.zeros(c, k, dtype=torch.float64).index_add_(1, idx_cpu, flat)
         counts = torch.bincount(idx_cpu, minlength=k).to(torch.float64)
         means = sums / counts
-        return means[:, idx_cpu].reshape(c, h, w).to(device=img.device, dtype=torch.float32)
+        return means[:, idx_cpu].reshape(img.shape).to(device=img.device, dtype=torch.float32)
 
     # -- public API ---------------------------------------------------------------------------------------
     def attribute(self, image: Any, seed: int, progress: ProgressFn | Progress | None = None,
                   keep_masks: bool = False) -> LimeAttribution:
-        """LIME attribution of ``image`` ((C, H, W) or (H, W), model input space) with sampler ``seed``.
+        """LIME attribution of ``image`` ((C, H, W) or (H, W), or a volume (C, D, H, W) explained over columns;
+        model input space) with sampler ``seed``.
 
         ``progress(done, total)`` is called after each batch; an exception it raises (a cancel) stops the
         run and propagates.
@@ -343,7 +357,8 @@ class LimeExplainer:
             progress = progress.callback()
         img = self._prepare_image(image)
         dev = img.device
-        c, h, w = img.shape
+        h, w = img.shape[-2:]
+        pixel_mask = (1,) * (img.ndim - 2) + (h, w)  # (1, H, W), or (1, 1, H, W): one mask for all slices
         k = self.grid * self.grid
         n = self.n_samples
         idx = self._cell_index(h, w, dev)
@@ -358,7 +373,7 @@ class LimeExplainer:
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
                 # (b, K) cell masks -> (b, 1, H, W) pixel masks by one gather through the cell index
-                visible = masks_dev[start:stop].index_select(1, idx).view(stop - start, 1, h, w)
+                visible = masks_dev[start:stop].index_select(1, idx).view(stop - start, *pixel_mask)
                 batch = torch.where(visible, img_b, hidden)
                 _synchronise(dev)
                 tq = time.perf_counter()
@@ -366,7 +381,9 @@ class LimeExplainer:
                 if isinstance(probs, torch.Tensor):
                     _synchronise(dev, probs.device)
                 seconds_queries += time.perf_counter() - tq
-                probs = self._check_output(probs, stop - start)
+                probs = self._check_output(probs, stop - start, img.ndim + 1)
+                if probs.ndim == 5:  # a slab's slices stacked: the scalar over the whole volume
+                    probs = probs.reshape(*probs.shape[:2], -1, probs.shape[-1])
                 responses.append(torch.as_tensor(self.scalar_fn(probs)).reshape(-1).to("cpu", torch.float64))
                 if progress is not None:
                     progress(stop, n)
@@ -419,15 +436,16 @@ class LimeExplainer:
         return out
 
     @staticmethod
-    def _check_output(probs: Any, b: int) -> torch.Tensor:
+    def _check_output(probs: Any, b: int, ndim: int = 4) -> torch.Tensor:
         if not isinstance(probs, torch.Tensor):
             try:
                 probs = torch.as_tensor(np.asarray(probs))
             except (TypeError, ValueError) as exc:
                 raise ModelError(f"the query returned {type(probs).__name__}, not a tensor") from exc
-        if probs.ndim != 4 or probs.shape[0] != b or probs.shape[1] < 2:
+        if probs.ndim != ndim or probs.shape[0] != b or probs.shape[1] < 2:
+            shape = "K, H, W" if ndim == 4 else "K, D, H, W"
             raise ModelError(
-                f"the query must return probabilities of shape ({b}, K, H, W) with K >= 2, "
+                f"the query must return probabilities of shape ({b}, {shape}) with K >= 2, "
                 f"got {tuple(probs.shape)}"
             )
         return probs

@@ -121,6 +121,9 @@ class ModelSpec:
     image_size: list[int] | None = None
     intensity: dict | None = None
     metadata: dict = field(default_factory=dict)
+    # 2: images (B, C, H, W), image_size [H, W]; 3: volumes (B, C, D, H, W), image_size the ROI [D, H, W]
+    # (the slab a 3-D model is queried on; larger volumes go through the sliding-window inferer)
+    spatial_dims: int = 2
 
     def check(self) -> "ModelSpec":
         """Raise :class:`ModelError` unless every field has a usable type and value; return self."""
@@ -135,12 +138,16 @@ class ModelSpec:
             problems.append(f"in_channels must be a positive integer, not {self.in_channels!r}")
         if not _is_int(self.num_classes) or self.num_classes < 2:
             problems.append(f"num_classes must be an integer >= 2, not {self.num_classes!r}")
+        if self.spatial_dims not in (2, 3) or not _is_int(self.spatial_dims):
+            problems.append(f"spatial_dims must be 2 or 3, not {self.spatial_dims!r}")
+        dims = self.spatial_dims if self.spatial_dims in (2, 3) else 2
         if self.image_size is not None and not (
             isinstance(self.image_size, (list, tuple))
-            and len(self.image_size) == 2
+            and len(self.image_size) == dims
             and all(_is_int(s) and s > 0 for s in self.image_size)
         ):
-            problems.append(f"image_size must be [H, W] (positive integers) or null, not {self.image_size!r}")
+            shape = "[H, W]" if dims == 2 else "the ROI [D, H, W]"
+            problems.append(f"image_size must be {shape} (positive integers) or null, not {self.image_size!r}")
         if self.intensity is not None and not isinstance(self.intensity, dict):
             problems.append(f"intensity must be an object or null, not {self.intensity!r}")
         if not isinstance(self.metadata, dict):
@@ -153,6 +160,8 @@ class ModelSpec:
         """A plain JSON-ready dict (a deep copy; tuples become lists)."""
         self.check()
         d = dataclasses.asdict(self)
+        if d["spatial_dims"] == 2:  # 2-D specs are written as before the field existed
+            del d["spatial_dims"]
         try:
             return json.loads(json.dumps(d, allow_nan=False))
         except (TypeError, ValueError) as exc:
@@ -242,8 +251,13 @@ def build_network(spec: ModelSpec) -> torch.nn.Module:
 
 
 def _check_args_fit_spec(spec: ModelSpec, args: dict) -> None:
-    if "spatial_dims" in args and args["spatial_dims"] != 2:
-        raise ModelError(f"{spec.network}: spatial_dims is {args['spatial_dims']!r}; 2-D models need spatial_dims 2")
+    if "spatial_dims" in args and args["spatial_dims"] != spec.spatial_dims:
+        if spec.spatial_dims == 2:
+            raise ModelError(f"{spec.network}: spatial_dims is {args['spatial_dims']!r}; 2-D models need spatial_dims 2 "
+                             "(a 3-D model needs the spec's spatial_dims 3 and image_size [D, H, W])")
+        raise ModelError(f"{spec.network}: spatial_dims is {args['spatial_dims']!r} but the spec's spatial_dims is 3")
+    if spec.spatial_dims == 3 and spec.network != "UNet":
+        raise ModelError(f"{spec.network}: 3-D models are supported for MONAI UNet only")
     if "in_channels" in args and args["in_channels"] != spec.in_channels:
         raise ModelError(
             f"{spec.network}: args in_channels {args['in_channels']!r} differs from the spec's in_channels "
@@ -335,20 +349,22 @@ def _as_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
         raise InputError(f"images must be a torch.Tensor or numpy array, not {type(images).__name__}")
     if images.is_complex():
         raise InputError("images must be real-valued, not complex")
-    if images.ndim != 4:
-        raise InputError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise InputError(f"images must be (B, C, H, W) (or volumes (B, C, D, H, W)); got shape {tuple(images.shape)}")
     return images if images.dtype == torch.float32 else images.float()
 
 
-def to_channels(images: torch.Tensor | np.ndarray, in_channels: int) -> torch.Tensor:
+def to_channels(images: torch.Tensor | np.ndarray, in_channels: int, spatial_dims: int = 2) -> torch.Tensor:
     """Grey images (B, H, W) -> (B, C, H, W) by repeating them over the model's ``in_channels``; images that
-    already have channels (B, C, H, W), such as colour images, must have ``in_channels`` of them."""
+    already have channels (B, C, H, W), such as colour images, must have ``in_channels`` of them.
+    ``spatial_dims=3``: the same for volumes, (B, D, H, W) -> (B, C, D, H, W)."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)) if isinstance(images, np.ndarray) else images
-    if x.ndim == 3:
-        return x.unsqueeze(1).expand(-1, in_channels, -1, -1).contiguous()
-    if x.ndim == 4 and x.shape[1] == in_channels:
+    if x.ndim == 1 + spatial_dims:
+        return x.unsqueeze(1).expand(-1, in_channels, *x.shape[1:]).contiguous()
+    if x.ndim == 2 + spatial_dims and x.shape[1] == in_channels:
         return x
-    raise InputError(f"images must be (B, H, W) or (B, {in_channels}, H, W) for a model with {in_channels} "
+    dims = "H, W" if spatial_dims == 2 else "D, H, W"
+    raise InputError(f"images must be (B, {dims}) or (B, {in_channels}, {dims}) for a model with {in_channels} "
                      f"input channel(s), got shape {tuple(x.shape)}")
 
 
@@ -405,6 +421,11 @@ class SegmentationModel:
         return self.spec.in_channels
 
     @property
+    def spatial_dims(self) -> int:
+        """2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W)."""
+        return self.spec.spatial_dims
+
+    @property
     def device_description(self) -> str:
         """Where the model runs, in one line for logs and reports (a remote model says so)."""
         return describe_device(self.device)
@@ -415,9 +436,9 @@ class SegmentationModel:
     def probabilities(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Class probabilities ``(B, K, H, W)``, float32 on the model's device, without gradients."""
         x = self._check_input(images)
-        b, _, h, w = x.shape
-        if b == 0:
-            return torch.empty(0, self.num_classes, h, w, device=self.device)
+        if x.shape[0] == 0:
+            return torch.empty(0, self.num_classes, *x.shape[2:], device=self.device)
+        b = x.shape[0]
         was_training = self.module.training
         self.module.eval()
         outs = []
@@ -454,6 +475,10 @@ class SegmentationModel:
     # -- internals ---------------------------------------------------------------------------------------
     def _check_input(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = _as_tensor(images)
+        if x.ndim != 2 + self.spatial_dims:
+            what = ("a 3-D model takes volumes (B, C, D, H, W)" if self.spatial_dims == 3
+                    else "a 2-D model takes images (B, C, H, W)")
+            raise InputError(f"{what}; got shape {tuple(x.shape)}")
         if self.spec_known and x.shape[1] != self.in_channels:
             raise InputError(
                 f"the model takes {self.in_channels} input channel(s), got images of shape {tuple(x.shape)}"
@@ -480,11 +505,11 @@ class SegmentationModel:
                 f"the model returned {type(raw).__name__} for input shape {in_shape}; expected one tensor "
                 "(B, K, H, W)"
             )
-        b, _, h, w = in_shape
-        if raw.ndim != 4 or raw.shape[0] != b or raw.shape[2] != h or raw.shape[3] != w:
+        b, spatial = in_shape[0], tuple(in_shape[2:])
+        if raw.ndim != len(in_shape) or raw.shape[0] != b or tuple(raw.shape[2:]) != spatial:
             raise ModelError(
                 f"the model returned shape {tuple(raw.shape)} for input shape {in_shape}; "
-                f"expected ({b}, K, {h}, {w})"
+                f"expected ({b}, K, {', '.join(map(str, spatial))})"
             )
         y = raw.float()
         k = y.shape[1]
@@ -819,8 +844,8 @@ def save_model(
         try:
             scripted = torch.jit.script(wrapper)
         except Exception:  # not scriptable: trace at the training size (shapes then follow the example)
-            h, w = spec.image_size or (64, 64)
-            example = torch.zeros(1, spec.in_channels, h, w, device=module_device(module))
+            size = spec.image_size or (64,) * spec.spatial_dims
+            example = torch.zeros(1, spec.in_channels, *size, device=module_device(module))
             with torch.no_grad():
                 scripted = torch.jit.trace(wrapper, example, check_trace=False)
         scripted.eval()

@@ -29,9 +29,10 @@ def demo_spec(channels: tuple[int, ...] = (16, 32, 64, 128), image_size: int = 1
 
 def dice_loss(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Soft Dice over foreground classes, (B, K, H, W) probabilities against (B, H, W) labels."""
-    onehot = F.one_hot(labels, probs.shape[1]).permute(0, 3, 1, 2).float()
-    inter = (probs[:, 1:] * onehot[:, 1:]).sum((0, 2, 3))
-    denom = probs[:, 1:].sum((0, 2, 3)) + onehot[:, 1:].sum((0, 2, 3))
+    onehot = F.one_hot(labels, probs.shape[1]).movedim(-1, 1).float()
+    dims = (0,) + tuple(range(2, probs.ndim))  # (B, K, D, H, W) volumes too
+    inter = (probs[:, 1:] * onehot[:, 1:]).sum(dims)
+    denom = probs[:, 1:].sum(dims) + onehot[:, 1:].sum(dims)
     return 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean()
 
 
@@ -39,7 +40,7 @@ def train_segmentation(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, s
                        batch: int = 8, lr: float = 1e-3, seed: int = 0, device: str = "auto",
                        augment: bool = True, progress: Progress | None = None) -> SegmentationModel:
     """Train ``spec``'s network from scratch on (n, H, W) (or colour (n, C, H, W)) images in [0, 1] and
-    (n, H, W) integer masks.
+    (n, H, W) integer masks; a 3-D spec (``spatial_dims`` 3) on (n, D, H, W) slabs and (n, D, H, W) masks.
 
     Loss: cross-entropy plus soft Dice; Adam; random flips as augmentation. Returns the model in eval mode.
     """
@@ -61,8 +62,9 @@ def train_segmentation(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, s
             if augment:  # horizontal flips
                 flip = rng.random(batch) < 0.5
                 x = np.where(flip.reshape((-1,) + (1,) * (x.ndim - 1)), x[..., ::-1], x)
-                y = np.where(flip[:, None, None], y[..., ::-1], y)
-            xt = to_channels(torch.as_tensor(np.ascontiguousarray(x), device=dev), spec.in_channels)
+                y = np.where(flip.reshape((-1,) + (1,) * (y.ndim - 1)), y[..., ::-1], y)
+            xt = to_channels(torch.as_tensor(np.ascontiguousarray(x), device=dev), spec.in_channels,
+                             spec.spatial_dims)
             yt = torch.as_tensor(np.ascontiguousarray(y), device=dev)
             probs = model.forward_train(xt)
             loss = F.nll_loss(probs.clamp_min(EPS).log(), yt) + dice_loss(probs, yt)

@@ -157,21 +157,27 @@ def default_samples(key: WatermarkKey, n_images: int) -> int:
 def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray, *,
                  samples: int | None = None, seed: int | None = None, in_channels: int = 1,
                  batch_size: int = 64, device: Any = None, device_name: str = "cpu",
-                 model_sha256: str | None = None, progress: Progress | None = None) -> Verification:
+                 model_sha256: str | None = None, progress: Progress | None = None,
+                 spatial_dims: int = 2) -> Verification:
     """Verify ownership through a query function only.
 
     Args:
         query: images (B, C, H, W) in model input space -> class probabilities (B, K, H, W).
         key: the owner's key.
         trigger_images: (n, H, W) trigger images in model input space (see :class:`TriggerOverlay`),
-            repeated over the model's ``in_channels``, or colour (n, C, H, W) images with C = in_channels.
+            repeated over the model's ``in_channels``, or colour (n, C, H, W) images with C = in_channels;
+            for a 3-D model (``spatial_dims`` 3), (n, D, H, W) trigger slabs, explained over columns.
         samples: LIME samples per image (default: :func:`default_samples`).
         seed: first LIME seed (image i uses seed + i); default: the key's.
     """
     progress = progress or Progress()
     t0 = time.monotonic()
     imgs = np.asarray(trigger_images, dtype=np.float32)
-    if imgs.ndim not in (3, 4) or len(imgs) == 0 or (imgs.ndim == 4 and imgs.shape[1] != in_channels):
+    if spatial_dims == 3:
+        if imgs.ndim != 4 or len(imgs) == 0:
+            raise InputError(f"trigger slabs must be (n, D, H, W) with n >= 1, got {imgs.shape}")
+        imgs = imgs[:, None]  # (n, 1, D, H, W): grey slabs, repeated over the channels below
+    elif imgs.ndim not in (3, 4) or len(imgs) == 0 or (imgs.ndim == 4 and imgs.shape[1] != in_channels):
         raise InputError(f"trigger images must be (n, H, W) or (n, {in_channels}, H, W) with n >= 1, "
                          f"got {imgs.shape}")
     n_samples = int(samples or default_samples(key, len(imgs)))
@@ -180,10 +186,11 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
     seed0 = key.lime.seed if seed is None else int(seed)
     explainer = LimeExplainer(query, key.grid, n_samples=n_samples, kernel_width=key.lime.kernel_width,
                               hide_value=key.hide_value, batch_size=batch_size, alpha=key.lime.alpha,
-                              scalar=key.lime.scalar, device=device)
+                              scalar=key.lime.scalar, device=device, spatial_dims=spatial_dims)
     progress.start("lime", n_samples * len(imgs))
     try:
         attributions = explainer.attribute_many([np.repeat(img[None], in_channels, axis=0) if img.ndim == 2
+                                                 else np.repeat(img, in_channels, axis=0) if spatial_dims == 3
                                                  else img for img in imgs],
                                                 seeds=seed0, progress=progress)
     finally:

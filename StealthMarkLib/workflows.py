@@ -147,20 +147,30 @@ def _run_embed(model_path, data, key_path, out, labels, label, spec, steps, devi
     plan = plan_bundle_output(model_path, out) if is_bundle(model_path) else None
     key = load_key(key_path)
     model = load_model(model_path, spec=spec, device=device, logits=logits)
-    size = model_size(model, image_size)
-    check_fits(size[0], size[1], key.grid)
     intensity = model_intensity(model)
-    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=model.in_channels,
-                      classes=model.num_classes)
+    cfg = replace(config or EmbedConfig(), steps=int(steps))
     where = describe_device(model.device)
     if info is not None:
         where += f"; {info.world_size} ranks ({info.backend})"
-    progress.log(f"{ds.describe()}; device {where}")
-    cfg = replace(config or EmbedConfig(), steps=int(steps))
-    if cfg.steps < 1:
-        raise InputError("--steps must be at least 1")
-    train_x, train_y = ds.train
-    module, log = embed_watermark(model, key, train_x, train_y, cfg, progress)
+    if model.spatial_dims == 3:
+        from .volume3d import embed_volume
+
+        if image_size is not None:
+            raise InputError("--image-size is for 2-D models: a 3-D model's spec records its ROI [D, H, W]")
+        progress.log(f"3-D model, device {where}")
+        size, described, module, log, harm = embed_volume(model, key, data, labels, label, intensity, cfg,
+                                                          progress)
+    else:
+        size = model_size(model, image_size)
+        check_fits(size[0], size[1], key.grid)
+        ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=model.in_channels,
+                          classes=model.num_classes)
+        described = ds.describe()
+        progress.log(f"{described}; device {where}")
+        if cfg.steps < 1:
+            raise InputError("--steps must be at least 1")
+        train_x, train_y = ds.train
+        module, log = embed_watermark(model, key, train_x, train_y, cfg, progress)
     training = log.to_json()
     if info is not None:
         hashes = distributed.agree_on_weights(module)   # a barrier: every rank has finished training
@@ -168,15 +178,16 @@ def _run_embed(model_path, data, key_path, out, labels, label, spec, steps, devi
         if not info.is_main:
             return None
     watermarked = SegmentationModel(module, model.spec, device=model.device, logits=model.logits)
-    test_x, test_y = ds.test
-    harm = harmlessness(model, watermarked, test_x, test_y, key)
+    if model.spatial_dims != 3:
+        test_x, test_y = ds.test
+        harm = harmlessness(model, watermarked, test_x, test_y, key)
     meta = dict(model.spec.metadata)
     meta["stealthmark"] = {"key_commitment": key.commitment, "embedded": datetime.now(timezone.utc).isoformat(),
-                           "training": training, "data": ds.describe()}
+                           "training": training, "data": described}
     new_spec = replace(model.spec, metadata=meta, image_size=list(size), intensity=intensity.to_json())
     if plan is not None:
         fmt = "monai_bundle"
-        block = stealthmark_block(key.commitment, training, ds.describe(), new_spec)
+        block = stealthmark_block(key.commitment, training, described, new_spec)
         write_bundle(plan, watermarked.module, replace(new_spec, metadata={}), block)
         if plan.dropped:
             progress.log(f"not carried into {out} (unwatermarked weight files): {', '.join(plan.dropped)}")
@@ -198,11 +209,19 @@ def run_evaluate(model_path: str | Path, reference_path: str | Path, data: str |
     key = load_key(key_path)
     wm = load_model(model_path, device=device, logits=logits)
     ref = load_model(reference_path, device=wm.device, logits=logits)
-    size = model_size(wm, image_size)
     intensity = model_intensity(wm)
-    ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=wm.in_channels,
-                      classes=wm.num_classes)
-    harm = harmlessness(ref, wm, *ds.test, key=key)
+    if wm.spatial_dims == 3 or ref.spatial_dims == 3:
+        from .volume3d import harmlessness_3d, load_slabs, model_roi
+
+        if wm.spatial_dims != ref.spatial_dims or wm.spec.image_size != ref.spec.image_size:
+            raise InputError("--model and --reference must both be 3-D models with the same ROI")
+        harm = harmlessness_3d(ref, wm, load_slabs(data, model_roi(wm), labels=labels, label=label,
+                                                   intensity=intensity), key)
+    else:
+        size = model_size(wm, image_size)
+        ds = load_dataset(data, size, labels=labels, label=label, intensity=intensity, channels=wm.in_channels,
+                          classes=wm.num_classes)
+        harm = harmlessness(ref, wm, *ds.test, key=key)
     harm["device"] = describe_device(wm.device)
     write_text_atomic(out, json.dumps(harm, indent=2) + "\n")
     return harm
@@ -291,7 +310,8 @@ def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, in
 
 
 def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:
-    """(K, J, I) map: each verified slice painted with its own standardised attribution grid, 0 elsewhere."""
+    """(K, J, I) map: each verified slice painted with its own standardised attribution grid, 0 elsewhere
+    (for a 3-D model, every slice of a slab with the slab's grid)."""
     vol = trig.volume
     _, h, w = vol.shape
     maps = []
@@ -300,7 +320,8 @@ def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:
         sd = g.std()
         z = (g - g.mean()) / sd if sd > 0 else g - g.mean()
         maps.append(paint_cells(z, h, w).astype(np.float32))
-    return insert_slices(vol.shape, np.stack(maps), trig.slices)
+    per_slab = len(trig.slices) // len(maps)  # 1 for a 2-D model
+    return insert_slices(vol.shape, np.repeat(np.stack(maps), per_slab, axis=0), trig.slices)
 
 
 def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path, out_dir: str | Path, *,
@@ -324,20 +345,17 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
     key = load_key(key_path)
     model = model_path if given_model else load_model(model_path, device=device, logits=logits,
                                                         max_batch=batch_size)
-    size = model_size(model, image_size)
-    check_fits(size[0], size[1], key.grid)
-    overlay = TriggerOverlay(key, *size)
-    if volume is not None or dicom is not None:
-        trig = volume_trigger_input(volume if volume is not None else dicom, key, size, slices, n_slices, strength)
-    elif image is not None:
-        trig = image_trigger_input(image, key, size, strength, channels=model.in_channels)
+    if model.spatial_dims == 3:
+        trig = slab_trigger_input(model, key, volume if volume is not None else dicom, image, slices,
+                                  strength, image_size)
     else:
-        trig = TriggerInput(overlay.key_image()[None], source=None)
+        trig = _trigger_input(model, key, image, volume, dicom, slices, n_slices, strength, image_size)
     dev = model.device_description
-    progress.log(f"verifying on {len(trig.images)} trigger image(s), device {dev}")
+    progress.log(f"verifying on {len(trig.images)} trigger {'slab' if model.spatial_dims == 3 else 'image'}(s), "
+                 f"device {dev}")
     v = verify_query(model, key, trig.images, samples=samples, seed=seed, in_channels=model.in_channels,
                      batch_size=batch_size, device=model.device, device_name=dev, model_sha256=model.sha256,
-                     progress=progress)
+                     progress=progress, spatial_dims=model.spatial_dims)
     v.report.slices = trig.slices or None
     v.report.source = trig.source
     v.report.model = model.source if given_model else str(model_path)
@@ -347,3 +365,43 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
         v.report.seconds["total"] = round(time.monotonic() - t0, 3)
         write_reports(v, tmp)
     return v
+
+
+def slab_trigger_input(model: SegmentationModel, key: WatermarkKey, path: str | Path | None,
+                       image: str | Path | None, slices: str | None, strength: float | None,
+                       image_size: tuple[int, int] | None) -> TriggerInput:
+    """Trigger slabs (n, D, H, W) for a 3-D model: the key slab, or the key blended into whole slabs of D
+    slices of the volume at ``path`` (resampled in plane to the model's size)."""
+    from .volume3d import check_roi, key_slab, model_roi, slab_slices
+
+    if image is not None:
+        raise InputError("a 3-D model is verified on a volume (--volume or --dicom) or on the key slab, "
+                         "not on a 2-D --image")
+    if image_size is not None:
+        raise InputError("--image-size is for 2-D models: a 3-D model's spec records its ROI [D, H, W]")
+    roi = model_roi(model)
+    check_roi(roi, key)
+    d, h, w = roi
+    if path is None:
+        return TriggerInput(key_slab(TriggerOverlay(key, h, w), d)[None], source=None)
+    vol = read_volume(path)
+    idx = slab_slices(vol, d, slices, path)
+    unit = extract_slices(VERIFY_INTENSITY.apply(vol.array), idx)
+    images = _trigger_images(unit, key, (h, w), strength).reshape(-1, d, h, w)
+    return TriggerInput(images, vol, idx, str(path))
+
+
+def _trigger_input(model: SegmentationModel, key: WatermarkKey, image: str | Path | None,
+                   volume: str | Path | None, dicom: str | Path | None, slices: str | None, n_slices: int,
+                   strength: float | None, image_size: tuple[int, int] | None) -> TriggerInput:
+    """Trigger images (n, H, W) for a 2-D model."""
+    size = model_size(model, image_size)
+    check_fits(size[0], size[1], key.grid)
+    overlay = TriggerOverlay(key, *size)
+    if volume is not None or dicom is not None:
+        trig = volume_trigger_input(volume if volume is not None else dicom, key, size, slices, n_slices, strength)
+    elif image is not None:
+        trig = image_trigger_input(image, key, size, strength, channels=model.in_channels)
+    else:
+        trig = TriggerInput(overlay.key_image()[None], source=None)
+    return trig
