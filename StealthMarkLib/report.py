@@ -69,7 +69,9 @@ def render_html(v: Verification) -> str:
         ("Time (total / queries / regression / decode)",
          " / ".join(f"{r.seconds[k]:.1f} s" for k in ("total", "queries", "regression", "decode"))),
         ("Device", r.device),
-        ("Decoder", r.decoder or "(none succeeded)"),
+        ("Decoder", (r.decoder or "(none succeeded)") + (
+            f" after flipping the {r.decode_flips} least certain data module(s) (soft-decision decoding; the "
+            "agreement and p-value above count them as observed)" if r.decode_flips else "")),
         ("Model", f"{r.model or ''} sha256 {r.model_sha256 or 'n/a'}"),
         ("Key commitment", r.key_commitment),
         ("Input", r.source or "key image"),
