@@ -6,8 +6,8 @@ Prints one line per verification: agreement, '*' when the QR decoded.
 
     python benchmarks/key_specificity.py TAG THREADS STEPS KEYSEED
     env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
-    batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), AUG=0|1
-    (EmbedConfig.augment_clean; the library's default when unset), SIZE / CH / TILE (input size, UNet
+    batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), AUG (fraction of
+    the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), SIZE / CH / TILE (input size, UNet
     channels, secret tile px; default 128 / 8,16,32,64 / 4), SAVE (write the watermarked model there)
 
 The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
@@ -59,7 +59,7 @@ for env, name, typ in (("TB", "trigger_batch", int), ("DPB", "decoys_per_batch",
     if env in os.environ:
         overrides[name] = typ(os.environ[env])
 if "AUG" in os.environ:
-    overrides["augment_clean"] = os.environ["AUG"] == "1"
+    overrides["augment_clean"] = float(os.environ["AUG"])
 mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, **overrides))
 print(tag, "embed", round(time.time() - t0), "s", flush=True)
 wm = SegmentationModel(mod, clean.spec)
