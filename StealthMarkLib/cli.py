@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table. Exits 0 only if the watermarked model is owned and the clean one not.")
     d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
-    d.add_argument("--embed-steps", type=int, default=1500,
-                   help=f"embedding steps (default 1500, to stay within 5 minutes on a 2-core CPU; the library's "
+    d.add_argument("--embed-steps", type=int, default=2200,
+                   help=f"embedding steps (default 2200, to decode reliably and stay within 5 minutes on a 2-core CPU; the library's "
                         f"default is {DEFAULT_EMBED_STEPS})")
     d.add_argument("--samples", type=int, help="LIME samples per trigger image (default: 1000 per slice, 4000 "
                    "on the key image alone)")

@@ -322,7 +322,7 @@ def test_evaluate_command(world):
 
 
 def test_demo_defaults_agree():
-    """The demo's embedding steps (1500: within 5 minutes on a 2-core CPU) are the same in the CLI and in Python."""
+    """The demo's embedding steps (2200: within 5 minutes on a 2-core CPU) are the same in the CLI and in Python."""
     from StealthMarkLib.cli import build_parser
     from StealthMarkLib.demo import DEMO_EMBED_STEPS, DemoSettings
 

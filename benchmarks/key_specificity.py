@@ -20,7 +20,8 @@ aug (AUG=1: the default since), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), 
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
-default since: PASS).
+default since: PASS); on two threads from a clean clone: demo_2threads_1500 (half: FAIL),
+demo_2threads_1500_noaug (none: FAIL) and demo_final_2200 (half, 2200 steps, the demo's default: PASS).
 """
 import os, sys, time, warnings
 from pathlib import Path
