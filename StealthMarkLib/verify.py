@@ -176,8 +176,8 @@ def chase_decode(observed: np.ndarray, certainty: np.ndarray, tmpl) -> tuple[Any
     if result.ok:
         return result, 0
     data = ~function_mask(tmpl)
+    # function modules sort last (version 1 has 208 data modules, far more than the candidates)
     cand = np.argsort(np.where(data, certainty, np.inf), axis=None)[:CHASE_CANDIDATES]
-    cand = [c for c in cand if data.flat[c]]
     fast = available_decoders()[:1]     # one decoder per try; the first usable one (zxing-cpp when present)
     for k in range(1, CHASE_MAX_FLIPS + 1):
         for flip in combinations(cand, k):
