@@ -14,6 +14,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import combinations
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from .errors import InputError
 from .key import WatermarkKey
 from .lime_engine import LimeAttribution, LimeExplainer
 from .progress import Progress
-from .qr import available_decoders, decode, function_mask, module_agreement, repair
+from .qr import DecodeResult, QRTemplate, available_decoders, decode, function_mask, module_agreement, repair
 
 #: p-value at or below which a decoded, matching payload makes the verdict ``owned``.
 ALPHA_OWNED = 1e-9
@@ -165,13 +166,12 @@ CHASE_CANDIDATES = 12
 CHASE_MAX_FLIPS = 3
 
 
-def chase_decode(observed: np.ndarray, certainty: np.ndarray, tmpl) -> tuple[Any, int | None]:
+def chase_decode(observed: np.ndarray, certainty: np.ndarray, tmpl: QRTemplate
+                 ) -> tuple[DecodeResult, int | None]:
     """Decode ``observed`` (G, G); failing that, retry with the least ``certainty`` data modules flipped.
 
     Returns the decode result and the number of modules flipped (None when nothing decoded).
     """
-    from itertools import combinations
-
     result = decode(observed, tmpl)
     if result.ok:
         return result, 0
