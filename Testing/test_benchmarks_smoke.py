@@ -174,3 +174,16 @@ def test_gpu_script_refuses_to_run_without_cuda(tmp_path):
     assert proc.returncode == 3
     assert "no CUDA GPU visible" in proc.stderr and "--smoke" in proc.stderr
     assert not (tmp_path / "gpu").exists()
+
+
+def test_every_full_size_null_model_can_be_built():
+    """The smoke run trains only two null models; build all of the full run's, so none fails hours in."""
+    import null_calibration
+    from StealthMarkLib.models import build_network
+
+    specs = null_calibration.null_specs(20, 128, 300, smoke=False)
+    assert len({s.seed for s in specs}) == 20 and {s.arch for s in specs} == {"UNet", "SegResNet"}
+    for s in specs:
+        net = build_network(s.model_spec())
+        out = net(torch.zeros(1, 1, 128, 128))
+        assert out.shape == (1, 2, 128, 128), s.label

@@ -28,7 +28,7 @@ from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.verify import ALPHA_NULL, ALPHA_OWNED  # noqa: E402
 
 UNET_WIDTHS = [(8, 16, 32, 64), (16, 32, 64, 128), (8, 16, 32), (12, 24, 48, 96)]
-SEGRESNET_FILTERS = [8, 12, 16]
+SEGRESNET_FILTERS = [8, 16, 24]     # SegResNet's GroupNorm has 8 groups: multiples of 8 only
 
 
 def null_specs(n: int, size: int, steps: int, smoke: bool) -> list[C.CleanSpec]:
