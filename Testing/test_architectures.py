@@ -274,7 +274,9 @@ def _benchmark():
 def test_models_benchmark_smoke(tmp_path, capsys):
     bench = _benchmark()
     out = tmp_path / "models.json"
-    assert bench.main(["--smoke", "--archs", "UNet,SamViT", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--archs", "SamViT", "--out", str(out)]) == 0
+    assert [r["arch"] for r in json.loads(out.read_text())["records"]] == ["SamViT"]
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge"]) == 0   # keeps SamViT's
     records = json.loads(out.read_text())["records"]
     assert [r["arch"] for r in records] == ["UNet", "SamViT"]
     for r in records:
@@ -283,3 +285,7 @@ def test_models_benchmark_smoke(tmp_path, capsys):
         assert r["image_size"] == [64, 64] and len(r["trials"]) == 1
     assert bench.main(["--smoke", "--archs", "ResNet", "--out", str(tmp_path / "bad.json")]) == 2
     assert "unknown architecture(s) ResNet" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+    (tmp_path / "other.json").write_text("[1, 2]")
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(tmp_path / "other.json"), "--merge"]) == 2
+    assert "is not a models.py results file" in capsys.readouterr().err
+    assert (tmp_path / "other.json").read_text() == "[1, 2]"

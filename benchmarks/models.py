@@ -10,8 +10,15 @@ per architecture: ``arch``, ``params``, ``image_size``, ``asr`` (fraction of tri
 The SAM ViT-B model (StealthMarkLib/samvit.py) starts from random initialisation: no pretrained weights can
 be downloaded here.
 
-Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--trials 10] [--out FILE] [--smoke]
+Embedding uses the library's default recipe (``EmbedConfig()``, DEFAULT_EMBED_STEPS steps) and the key's
+default tile (4 px at 128 px); clean models train 300 steps with batch 8.
+
+Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--trials 10] [--out FILE] [--merge]
+       [--threads N] [--smoke]
 (``--smoke``: tiny networks at 64 px and a few steps, for the test suite; its figures mean nothing.)
+``--merge`` keeps the records of the architectures not run now from an existing ``--out`` file (each record
+names its own device), so that CPU and GPU runs can fill one file. The file is rewritten (atomically) after
+every architecture, so that an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.architectures import ARCHITECTURES, architecture_spec  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
 from StealthMarkLib.embed import EmbedConfig  # noqa: E402
@@ -44,7 +52,7 @@ from StealthMarkLib.trigger import TriggerOverlay  # noqa: E402
 from StealthMarkLib.verify import verify_query  # noqa: E402
 from StealthMarkLib.workflows import run_embed, volume_trigger_input  # noqa: E402
 
-FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": 600, "samples": 1000,
+FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": DEFAULT_EMBED_STEPS, "samples": 1000,
         "trials": 10}
 SMOKE = {"size": "tiny", "image_size": 64, "clean_steps": 3, "embed_steps": 3, "samples": 20, "trials": 1,
          "batch": 2}
@@ -104,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the records of other architectures from an existing --out file")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: at most 2; 1 with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for the test suite)")
     a = ap.parse_args(argv)
     try:
@@ -114,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise StealthMarkError("--trials must be at least 1")
             s["trials"] = a.trials
         dev = resolve_device(a.device)
+        kept = _kept_records(Path(a.out), archs) if a.merge else []
     except StealthMarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if dev.type == "cpu":
-        torch.set_num_threads(1 if a.smoke else min(torch.get_num_threads(), 2))
+        torch.set_num_threads(a.threads or (1 if a.smoke else min(torch.get_num_threads(), 2)))
     t1, mask = sample_paths()
     size = s["image_size"]
     ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
@@ -130,13 +142,27 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         rec = bench_arch(arch, s, ds, key, key_path, tmp, str(dev))
         rec["total_seconds"] = round(time.monotonic() - t0, 1)
+        rec["settings"] = s
         records.append(rec)
         print(json.dumps({k: rec[k] for k in ("arch", "params", "asr", "dice_drop_points", "embed_seconds",
                                               "device")}), flush=True)
-    res = {"smoke": a.smoke, "settings": s, "device": describe_device(dev), "torch": torch.__version__,
-           "data": ds.describe(), "records": records}
-    write_text_atomic(a.out, json.dumps(res, indent=2, default=float) + "\n")
+        order = {name: i for i, name in enumerate(ARCHITECTURES)}
+        merged = sorted(kept + records, key=lambda r: order.get(r["arch"], len(order)))
+        res = {"smoke": a.smoke, "settings": s, "torch": torch.__version__, "data": ds.describe(),
+               "devices": sorted({r["device"] for r in merged}), "records": merged}
+        write_text_atomic(a.out, json.dumps(res, indent=2, default=float) + "\n")
     return 0
+
+
+def _kept_records(out: Path, running: list[str]) -> list[dict]:
+    """The records of architectures not in ``running`` from an existing results file (for --merge)."""
+    if not out.is_file():
+        return []
+    try:
+        records = json.loads(out.read_text())["records"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StealthMarkError(f"--merge: {out} is not a models.py results file ({exc})") from exc
+    return [r for r in records if r.get("arch") not in running]
 
 
 if __name__ == "__main__":
