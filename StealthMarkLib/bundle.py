@@ -309,10 +309,10 @@ def _spec_for(bundle: Bundle, meta: dict, name: str | None, args: dict, given: A
         spec.intensity = spec.intensity or given.intensity
     if dims == 3 and not spec.image_size:
         raw = _raw_image_shape(meta)
-        raise ModelError(f"the bundle {bundle.path} holds a 3-D {name or 'network'} but does not record the ROI it is queried "
-                         f"on: {METADATA}'s network_data_format.inputs.image.spatial_shape is {raw!r}; StealthMark "
-                         "needs three fixed integers [D, H, W] there (or --spec SPEC.json with spatial_dims 3 and "
-                         "image_size [D, H, W])")
+        raise ModelError(f"the bundle {bundle.path} holds a 3-D {name or 'network'} but does not record the ROI it "
+                         f"is queried on: {METADATA}'s network_data_format.inputs.image.spatial_shape is {raw!r}; "
+                         "StealthMark needs three fixed integers [D, H, W] there (or --spec SPEC.json with "
+                         "spatial_dims 3 and image_size [D, H, W])")
     try:
         return spec.check(), k is not None or bool(own)
     except ModelError as exc:

@@ -78,7 +78,8 @@ class OnnxModule(torch.nn.Module):
         for want, got in zip(self.size, x.shape[2:]):
             if want is not None and want != got:
                 size = " x ".join("?" if s is None else str(s) for s in self.size)
-                raise InputError(f"{self.path} takes {'images' if self.rank == 4 else 'volumes'} of size {size} (graph input "
+                what = "images" if self.rank == 4 else "volumes"
+                raise InputError(f"{self.path} takes {what} of size {size} (graph input "
                                  f"{_shape_text(self.input_shape)}); got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
