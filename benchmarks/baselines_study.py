@@ -131,7 +131,7 @@ def qr_figure(st: C.Settings, key, payload_qr: np.ndarray, ref_expl, ref_decoded
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"Does the QR appear on a model that was never watermarked? ({st.size}x{st.size}, "
-                 f"{key.grid}x{key.grid} grid, N={st.samples} LIME samples)", fontsize=10)
+                 f"{key.grid}x{key.grid} grid, {C.samples_text(st.samples)})", fontsize=10)
     return C.save_figure(fig, st.out_dir / "baselines_qr.png")
 
 

@@ -72,7 +72,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image size (px); default 128 (64 with --smoke)")
     p.add_argument("--channels", default=None,
                    help="UNet channels of the owner's model, e.g. 8,16,32,64 (default; 8,16,32 with --smoke)")
-    p.add_argument("--samples", type=int, default=None, help="LIME samples per image (default 1000; 60 smoke)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="LIME samples per image (default: the verifier's, 4000 on the key image alone and 1000 per "
+                        "blended slice; 60 with --smoke)")
     p.add_argument("--trials", type=int, default=None, help="verification trials per setting (default 10; 2 smoke)")
     return p
 
@@ -84,7 +86,7 @@ class Settings:
     channels: tuple[int, ...]
     clean_steps: int
     embed_steps: int
-    samples: int
+    samples: int | None            # None: the verifier's default (StealthMarkLib.verify.default_samples)
     trials: int
     device: str
     out_dir: Path
@@ -114,9 +116,9 @@ def settings(args: argparse.Namespace) -> Settings:
         (8, 16, 32) if s else (8, 16, 32, 64))
     st = Settings(smoke=s, size=args.size or (64 if s else 128), channels=channels,
                   clean_steps=20 if s else 300, embed_steps=20 if s else DEFAULT_EMBED_STEPS,
-                  samples=args.samples or (60 if s else 1000), trials=args.trials or (2 if s else 10),
+                  samples=args.samples or (60 if s else None), trials=args.trials or (2 if s else 10),
                   device=args.device, out_dir=Path(args.out_dir), cache=Path(args.cache))
-    if st.trials < 1 or st.samples < 10 or st.size < 32:
+    if st.trials < 1 or (st.samples is not None and st.samples < 10) or st.size < 32:
         raise InputError("--trials must be >= 1, --samples >= 10 and --size >= 32")
     st.out_dir.mkdir(parents=True, exist_ok=True)
     st.cache.mkdir(parents=True, exist_ok=True)
@@ -373,13 +375,19 @@ def brief(report) -> dict[str, Any]:
     return {"verdict": report.verdict, "decoded": report.payload_decoded, "match": bool(report.payload_match),
             "agreement": round(float(report.data_module_agreement), 5), "bit_errors": int(report.bit_errors),
             "n_data_modules": int(report.n_data_modules), "p_value": float(report.p_value),
-            "seconds": float(report.seconds["total"]),
+            "seconds": float(report.seconds["total"]), "lime_samples": int(report.lime_samples),
             "seconds_queries": float(report.seconds.get("queries", float("nan")))}
 
 
-def run_trials(query: Callable, key: WatermarkKey, inputs: Sequence[tuple[str, np.ndarray]], samples: int,
+def samples_text(samples: int | None) -> str:
+    """How many LIME samples, for figure titles."""
+    return f"N={samples} LIME samples" if samples else "the verifier's default LIME samples"
+
+
+def run_trials(query: Callable, key: WatermarkKey, inputs: Sequence[tuple[str, np.ndarray]], samples: int | None,
                seed: int, device: Any = None, batch: int = 64) -> list[dict]:
-    """Verify through ``query`` once per input; trial i uses LIME seeds ``seed + 1000 i`` onwards."""
+    """Verify through ``query`` once per input; trial i uses LIME seeds ``seed + 1000 i`` onwards.
+    ``samples`` None: the verifier's default (4000 on the key image alone, 1000 per blended slice)."""
     out = []
     for i, (name, imgs) in enumerate(inputs):
         r = verify_query(query, key, imgs, samples=samples, seed=seed + 1000 * i, in_channels=1,

@@ -11,7 +11,8 @@ The SAM ViT-B model (StealthMarkLib/samvit.py) starts from random initialisation
 be downloaded here.
 
 Embedding uses the library's default recipe (``EmbedConfig()``, DEFAULT_EMBED_STEPS steps) and the key's
-default tile (4 px at 128 px); clean models train 300 steps with batch 8.
+default tile (4 px at 128 px); clean models train 300 steps with batch 8; verification uses the
+verifier's default sample counts.
 
 Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--trials 10] [--out FILE] [--merge]
        [--threads N] [--smoke]
@@ -52,7 +53,7 @@ from StealthMarkLib.trigger import TriggerOverlay  # noqa: E402
 from StealthMarkLib.verify import verify_query  # noqa: E402
 from StealthMarkLib.workflows import run_embed, volume_trigger_input  # noqa: E402
 
-FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": DEFAULT_EMBED_STEPS, "samples": 1000,
+FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": DEFAULT_EMBED_STEPS, "samples": None,
         "trials": 10}
 SMOKE = {"size": "tiny", "image_size": 64, "clean_steps": 3, "embed_steps": 3, "samples": 20, "trials": 1,
          "batch": 2}
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     size = s["image_size"]
     ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
     tmp = Path(tempfile.mkdtemp(prefix="sm-models-"))
-    key = create_key("SM:BENCH-0001", seed=20261127, samples=s["samples"])  # published: never use it for real
+    # published: never use it for real. samples None: the verifier's defaults (4000 on the key image alone,
+    # 1000 per blended slice), as `stealthmark verify` uses them
+    key = create_key("SM:BENCH-0001", seed=20261127, **({"samples": s["samples"]} if s["samples"] else {}))
     key_path = key.save(tmp / "key.json")
     records = []
     for arch in archs:

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         ax.axvline(threshold, color="k", ls="--", label=f"p <= {ALPHA_OWNED:g} threshold ({threshold:.3f})")
         ax.set_xlabel("data-module agreement with the key's QR")
         ax.set_ylabel("verifications")
-        ax.set_title(f"Null calibration ({st.size}x{st.size}, N={st.samples} LIME samples)")
+        ax.set_title(f"Null calibration ({st.size}x{st.size}, {C.samples_text(st.samples)})")
         ax.legend(fontsize=8)
         res["figure"] = C.save_figure(fig, st.out_dir / "null_calibration.png")
     C.write_json(st.out_dir / "null_calibration.json", res)
