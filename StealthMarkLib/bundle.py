@@ -12,6 +12,11 @@ the network built with ``monai.bundle.ConfigParser`` from plain values. The weig
 The watermarked bundle keeps the input's layout (folder in, folder out; zip in, zip out, with the same top
 folder), its ``version`` gets the patch component + 1 with a ``changelog`` entry, and its metadata a
 ``stealthmark`` block: the key commitment (never seeds), the training settings and the model's input spec.
+
+2-D networks (``spatial_dims`` 2) of any ``monai.networks.nets`` class are read; 3-D networks only as a
+``UNet`` (what :mod:`StealthMarkLib.volume3d` watermarks), queried on the ROI ``[D, H, W]`` that metadata's
+``network_data_format.inputs.image.spatial_shape`` gives as three integers (in the network's input axis
+order; StealthMark's slabs put the slice axis first).
 """
 
 from __future__ import annotations
@@ -229,14 +234,24 @@ def _spatial_dims(name: str, args: dict) -> Any:
 
 
 # -- loading -----------------------------------------------------------------------------------------------
-def _image_shape(meta: dict) -> list[int] | None:
-    try:
-        shape = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
-    except (KeyError, TypeError):
-        return None
-    if isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape):
+# 3-D networks StealthMark can watermark (volume3d.py): the ones models.py accepts with spatial_dims 3
+NETWORKS_3D = ("UNet",)
+
+
+def _image_shape(meta: dict, dims: int = 2) -> list[int] | None:
+    """metadata.json's input ``spatial_shape`` when it is ``dims`` fixed positive integers, else None."""
+    shape = _raw_image_shape(meta)
+    if isinstance(shape, list) and len(shape) == dims and all(isinstance(s, int) and not isinstance(s, bool)
+                                                              and s > 0 for s in shape):
         return [int(s) for s in shape]
     return None
+
+
+def _raw_image_shape(meta: dict) -> Any:
+    try:
+        return meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    except (KeyError, TypeError):
+        return None
 
 
 def _output_channels(meta: dict) -> int | None:
@@ -248,30 +263,56 @@ def _output_channels(meta: dict) -> int | None:
     return k if isinstance(k, int) and k > 0 else None
 
 
+def _bundle_dims(bundle: Bundle, meta: dict, name: str | None, args: dict, own: dict) -> int:
+    """2 or 3: from network_def (its spatial_dims, or the class's default), else from a StealthMark block,
+    else from the length of metadata's input spatial_shape; a clear error for what is not supported."""
+    if name is not None:
+        dims = _spatial_dims(name, args)
+        if dims == 3 and name not in NETWORKS_3D:
+            raise ModelError(f"the bundle {bundle.path} holds a 3-D {name}; StealthMark watermarks 3-D models for "
+                             f"MONAI {' and '.join(NETWORKS_3D)} only (2-D models: spatial_dims 2)")
+        if dims not in (2, 3):
+            raise ModelError(f"the bundle {bundle.path} holds a {dims}-D {name}; StealthMark watermarks 2-D "
+                             f"segmentation models (spatial_dims 2) and 3-D {' / '.join(NETWORKS_3D)} "
+                             "(spatial_dims 3)")
+        return int(dims)
+    if own.get("spatial_dims") in (2, 3):
+        return int(own["spatial_dims"])
+    shape = _raw_image_shape(meta)
+    return 3 if isinstance(shape, list) and len(shape) == 3 else 2
+
+
 def _spec_for(bundle: Bundle, meta: dict, name: str | None, args: dict, given: Any) -> Any:
     from .models import ModelSpec
 
     head, in_ch, k = "probabilities", 1, None
+    own = meta.get(BLOCK, {}).get("spec", {}) if isinstance(meta.get(BLOCK), dict) else {}
+    own = own if isinstance(own, dict) else {}
+    dims = _bundle_dims(bundle, meta, name, args, own)
     if name is not None:
-        dims = _spatial_dims(name, args)
-        if dims != 2:
-            raise ModelError(f"the bundle {bundle.path} holds a {dims}-D {name}; StealthMark watermarks 2-D "
-                             "segmentation models (spatial_dims 2)")
         in_ch = args.get("in_channels", 1)
         k = args.get("out_channels")
     if k is None:
         k = _output_channels(meta)
     if isinstance(k, int) and k >= 1:
         head = "sigmoid" if k == 1 else "softmax"  # MONAI networks return logits
-    own = meta.get(BLOCK, {}).get("spec", {}) if isinstance(meta.get(BLOCK), dict) else {}
     spec = ModelSpec(network=name, args=args if name else {}, head=own.get("head", head),
                      in_channels=own.get("in_channels", in_ch),
                      num_classes=own.get("num_classes", 2 if k in (None, 1) else k),
-                     image_size=own.get("image_size") or _image_shape(meta),
-                     intensity=own.get("intensity"))
+                     image_size=own.get("image_size") or _image_shape(meta, dims),
+                     intensity=own.get("intensity"), spatial_dims=dims)
     if given is not None:
+        if given.spatial_dims != dims and given.image_size:
+            raise ModelError(f"the bundle {bundle.path} holds a {dims}-D network, but the spec given with it says "
+                             f"spatial_dims {given.spatial_dims} (image_size {given.image_size})")
         spec.image_size = spec.image_size or given.image_size
         spec.intensity = spec.intensity or given.intensity
+    if dims == 3 and not spec.image_size:
+        raw = _raw_image_shape(meta)
+        raise ModelError(f"the bundle {bundle.path} holds a 3-D {name or 'network'} but does not record the ROI it "
+                         f"is queried on: {METADATA}'s network_data_format.inputs.image.spatial_shape is {raw!r}; "
+                         "StealthMark needs three fixed integers [D, H, W] there (or --spec SPEC.json with "
+                         "spatial_dims 3 and image_size [D, H, W])")
     try:
         return spec.check(), k is not None or bool(own)
     except ModelError as exc:
@@ -470,7 +511,9 @@ def _umask() -> int:
 
 
 def stealthmark_block(key_commitment: str, training: dict, data: str, spec: Any) -> dict:
+    own = {"head": spec.head, "in_channels": spec.in_channels, "num_classes": spec.num_classes,
+           "image_size": spec.image_size, "intensity": spec.intensity}
+    if spec.spatial_dims != 2:  # 2-D blocks are written as before 3-D bundles were read
+        own["spatial_dims"] = spec.spatial_dims
     return {"key_commitment": key_commitment, "embedded": datetime.now(timezone.utc).isoformat(),
-            "training": training, "data": data,
-            "spec": {"head": spec.head, "in_channels": spec.in_channels, "num_classes": spec.num_classes,
-                     "image_size": spec.image_size, "intensity": spec.intensity}}
+            "training": training, "data": data, "spec": own}

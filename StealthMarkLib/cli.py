@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gradients averaged (nccl on GPUs, gloo on the CPU); rank 0 writes and "
                                    "reports. See README 'Distributed embedding'.")
     e.add_argument("--model", required=True, help="TorchScript file, state dict with a JSON spec, or MONAI bundle "
-                   "(folder or .zip; OUT is then a bundle of the same layout)")
+                   "(folder or .zip; OUT is then a bundle of the same layout); 2-D, or a 3-D UNet (spec or bundle "
+                   "spatial_dims 3); not ONNX (verification only)")
     e.add_argument("--spec", help="JSON spec of a state dict (default: MODEL's name with .json)")
     _data_opts(e)
     e.add_argument("--key", required=True, help="the key file from 'stealthmark keygen'")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "columns of the key grid.")
     who = v.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="TorchScript file, state dict with a JSON spec, MONAI bundle (folder or .zip) "
-                     "or ONNX file")
+                     "or ONNX file; 2-D, or a 3-D UNet (spec spatial_dims 3) in any of these formats")
     who.add_argument("--endpoint", metavar="URL", help="a model you can only query over HTTP (stealthmark-remote/1, "
                      "as 'stealthmark serve' answers; see README)")
     who.add_argument("--command", dest="tool", metavar="TEMPLATE", help="a tool run once per batch, e.g. 'vendor-seg {input} "
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "could not connect or got HTTP 5xx (default 0)")
     v.add_argument("--in-channels", type=int, help="input channels of a --command tool (default 1)")
     v.add_argument("--num-classes", type=int, help="classes of a --command tool (default: one probe call)")
+    v.add_argument("--spec", help="JSON model spec: of a state dict --model (default: MODEL's name with .json); of "
+                   "a --command tool, instead of --image-size (a 3-D tool: spatial_dims 3, image_size [D, H, W], "
+                   "in_channels, num_classes); for --endpoint, what its /info leaves null (a 3-D ROI)")
     v.add_argument("--key", required=True, help="the owner's key file")
     src = v.add_mutually_exclusive_group()
     src.add_argument("--image", help="a 2-D image (PNG/JPEG or a one-slice volume) to blend the key into "
@@ -157,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve a model over HTTP for 'verify --endpoint' (reference server)",
                        description="Answer the stealthmark-remote/1 protocol (GET /info, POST /predict with .npy "
-                                   "bodies) for a model file, until Ctrl-C or SIGTERM. Binds loopback by default.")
-    s.add_argument("--model", required=True, help="TorchScript file, or state dict with a JSON spec")
+                                   "bodies) for a model file, until Ctrl-C or SIGTERM. Binds loopback by default. "
+                                   "For a 3-D model /info says spatial_dims 3 and its ROI [D, H, W], and the "
+                                   "arrays are (B, C, D, H, W) in and (B, K, D, H, W) out.")
+    s.add_argument("--model", required=True, help="TorchScript file, state dict with a JSON spec, MONAI bundle "
+                   "or ONNX file; a 3-D model (spec spatial_dims 3) is served on its ROI: (B, C, D, H, W) volumes")
     s.add_argument("--spec", help="JSON spec of a state dict (default: MODEL's name with .json)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
@@ -244,14 +251,17 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
                 raise InputError("--in-channels and --num-classes are for --command (an endpoint's /info says them)")
             model = (remote.open_endpoint(args.endpoint, timeout=args.timeout, retries=args.retries,
                                           max_batch=args.batch_size, logits=args.logits,
-                                          image_size=_pair(args.image_size)) if args.endpoint else
+                                          image_size=_pair(args.image_size), spec=args.spec) if args.endpoint else
                      remote.open_command(args.tool, _pair(args.image_size), in_channels=args.in_channels,
                                          num_classes=args.num_classes, timeout=args.timeout,
-                                         max_batch=args.batch_size, logits=args.logits))
+                                         max_batch=args.batch_size, logits=args.logits, spec=args.spec))
+            image_size = None if model.spatial_dims == 3 else _pair(args.image_size)  # already checked
+        else:
+            image_size = _pair(args.image_size)
         v = wf.run_verify(model, args.key, args.out, image=args.image, volume=args.volume, dicom=args.dicom,
                           slices=args.slices, n_slices=args.n_slices, samples=args.samples, seed=args.seed,
                           strength=args.strength, device=args.device, logits=args.logits,
-                          batch_size=args.batch_size, image_size=_pair(args.image_size), progress=progress)
+                          batch_size=args.batch_size, image_size=image_size, spec=args.spec, progress=progress)
         r = v.report
         files = {"report_json": str(Path(args.out) / "report.json"), "report_html": str(Path(args.out) / "report.html"),
                  "qr": str(Path(args.out) / "qr.png")}

@@ -1,5 +1,9 @@
 """ONNX models, for verification only: an onnxruntime session behind the usual query interface.
 
+A 2-D model's graph takes images ``(B, C, H, W)``, a 3-D model's (spec ``spatial_dims`` 3) volumes
+``(B, C, D, H, W)``; a graph whose rank, channel count or fixed size disagrees with its spec is refused
+with both shapes named.
+
 :func:`load_onnx` wraps the session in :class:`OnnxModule` (a ``torch.nn.Module`` without parameters whose
 forward runs the session on numpy arrays), so that :class:`~StealthMarkLib.models.SegmentationModel` queries
 it like any other model, in chunks of at most ``max_batch``. Its weights cannot be fine-tuned: embedding
@@ -41,7 +45,8 @@ def _shape_text(shape: list) -> str:
 
 
 class OnnxModule(torch.nn.Module):
-    """Runs an onnxruntime session: x (B, C, H, W) float32 -> the graph's first output, as a torch tensor.
+    """Runs an onnxruntime session: x (B, C, H, W) float32 (a 3-D model's graph: (B, C, D, H, W)) -> the
+    graph's first output, as a torch tensor.
 
     A graph with a fixed batch size N is fed N images at a time (the last group padded with zeros).
     """
@@ -53,23 +58,28 @@ class OnnxModule(torch.nn.Module):
         inp = session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = list(inp.shape)
+        self.rank = len(self.input_shape)          # 4 (images) or 5 (volumes)
         self.fixed_batch = _dim(self.input_shape[0])
         self.channels = _dim(self.input_shape[1])
-        self.size = (_dim(self.input_shape[2]), _dim(self.input_shape[3]))
+        self.size = tuple(_dim(d) for d in self.input_shape[2:])
         out = session.get_outputs()[0]
         self.output_name = out.name
         self.output_shape = list(out.shape)
         self.providers = list(session.get_providers())
 
     def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise InputError(f"{self.path} takes (B, C, H, W) images; got shape {tuple(x.shape)}")
+        if x.ndim != self.rank:
+            what = "(B, C, H, W) images" if self.rank == 4 else "(B, C, D, H, W) volumes"
+            raise InputError(f"{self.path} takes {what} (graph input {_shape_text(self.input_shape)}); got shape "
+                             f"{tuple(x.shape)}")
         if self.channels is not None and x.shape[1] != self.channels:
             raise InputError(f"{self.path} takes {self.channels} input channel(s) (graph input "
                              f"{_shape_text(self.input_shape)}); got images of shape {tuple(x.shape)}")
-        for axis, (want, got) in enumerate(zip(self.size, x.shape[2:])):
+        for want, got in zip(self.size, x.shape[2:]):
             if want is not None and want != got:
-                raise InputError(f"{self.path} takes images of size {self.size[0]} x {self.size[1]} (graph input "
+                size = " x ".join("?" if s is None else str(s) for s in self.size)
+                what = "images" if self.rank == 4 else "volumes"
+                raise InputError(f"{self.path} takes {what} of size {size} (graph input "
                                  f"{_shape_text(self.input_shape)}); got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +130,21 @@ def _session(path: Path, device: torch.device) -> Any:
         raise ModelError(f"{path} cannot be read as an ONNX model: {type(exc).__name__}: {str(exc)[-400:]}") from exc
 
 
+def _spec_input(spec: Any) -> str:
+    """The input shape a spec describes, e.g. ``(B, 1, 4, 48, 48)`` or ``(B, 1, H, W)``."""
+    names = ("H", "W") if spec.spatial_dims == 2 else ("D", "H", "W")
+    size = spec.image_size or names
+    return "(B, " + ", ".join(str(v) for v in (spec.in_channels, *size)) + ")"
+
+
 def load_onnx(path: Path, given: Any, device: torch.device, max_batch: int, logits: bool, sha256: str,
               sidecar: Path | None) -> Any:
     """Load ``path`` as a verification-only SegmentationModel (see :func:`StealthMarkLib.models.load_model`).
 
     The spec is the file's own ``stealthmark.json`` metadata (written by :func:`export_onnx`), else ``given``,
-    else the JSON ``sidecar``, else a default (head ``probabilities``, K from the graph or the first answer).
-    Static channel and spatial sizes of the graph fill in ``in_channels`` and ``image_size``.
+    else the JSON ``sidecar``, else a default (head ``probabilities``, K from the graph or the first answer;
+    a rank-5 graph input makes it a 3-D model). Static channel and spatial sizes of the graph fill in
+    ``in_channels`` and ``image_size``; a graph that disagrees with the spec (rank, channels, size) is refused.
     """
     from .models import ModelSpec, SegmentationModel, read_spec
 
@@ -134,18 +152,20 @@ def load_onnx(path: Path, given: Any, device: torch.device, max_batch: int, logi
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         names = ", ".join(f"{i.name} {_shape_text(list(i.shape))}" for i in inputs)
-        raise ModelError(f"{path} has {len(inputs)} inputs ({names}); expected one image input (B, C, H, W)")
+        raise ModelError(f"{path} has {len(inputs)} inputs ({names}); expected one image input (B, C, H, W) "
+                         "(or, for a 3-D model, one volume input (B, C, D, H, W))")
     if not outputs:
         raise ModelError(f"{path} has no outputs; expected probabilities or logits (B, K, H, W)")
     inp = inputs[0]
     shape = list(inp.shape) if inp.shape is not None else []
-    if len(shape) != 4:
+    if len(shape) not in (4, 5):
         raise ModelError(f"{path} has input {inp.name!r} of shape {_shape_text(shape)} (rank {len(shape)}); "
-                         "expected a rank-4 image input (B, C, H, W)")
+                         "expected a rank-4 image input (B, C, H, W), or rank 5 (B, C, D, H, W) for a 3-D model")
     if inp.type != "tensor(float)":
         raise ModelError(f"{path} has input {inp.name!r} of type {inp.type}; expected float32 images "
                          "(tensor(float))")
     module = OnnxModule(session, str(path))
+    graph_dims = len(shape) - 2
 
     embedded = session.get_modelmeta().custom_metadata_map.get(SPEC_METADATA_KEY)
     known = True
@@ -163,20 +183,27 @@ def load_onnx(path: Path, given: Any, device: torch.device, max_batch: int, logi
     elif sidecar is not None:
         spec = read_spec(sidecar)
     else:
-        spec, known = ModelSpec(network=None, args={}, head="probabilities"), False
+        spec, known = ModelSpec(network=None, args={}, head="probabilities", spatial_dims=graph_dims), False
         if module.channels is not None:
             spec.in_channels = module.channels
-        k = _dim(list(outputs[0].shape)[1]) if outputs[0].shape is not None and len(outputs[0].shape) == 4 else None
+        out_shape = list(outputs[0].shape) if outputs[0].shape is not None else []
+        k = _dim(out_shape[1]) if len(out_shape) == len(shape) else None
         if k is not None and k >= 2:
             spec.num_classes, known = k, True
+    if graph_dims != spec.spatial_dims:
+        what = {2: "2-D images (B, C, H, W)", 3: "3-D volumes (B, C, D, H, W)"}
+        raise ModelError(f"{path} takes {what[graph_dims]} (graph input {inp.name!r} {_shape_text(shape)}), but its "
+                         f"spec says spatial_dims {spec.spatial_dims}: inputs {_spec_input(spec)}; export the "
+                         f"{spec.spatial_dims}-D model again, or fix the spec")
     if module.channels is not None and spec.in_channels != module.channels:
         raise ModelError(f"{path} takes {module.channels} input channel(s) (graph input {_shape_text(shape)}), "
-                         f"but its spec says in_channels {spec.in_channels}")
+                         f"but its spec says in_channels {spec.in_channels}: inputs {_spec_input(spec)}")
     if all(s is not None for s in module.size):
         graph_size = [int(s) for s in module.size]
         if spec.image_size is not None and list(spec.image_size) != graph_size:
-            raise ModelError(f"{path} takes {graph_size[0]} x {graph_size[1]} images (graph input "
-                             f"{_shape_text(shape)}), but its spec says image_size {spec.image_size}")
+            raise ModelError(f"{path} takes inputs of size {' x '.join(map(str, graph_size))} (graph input "
+                             f"{_shape_text(shape)}), but its spec says image_size {spec.image_size}: inputs "
+                             f"{_spec_input(spec)}")
         spec.image_size = graph_size
     model = SegmentationModel(module, spec, device, max_batch, logits, source=str(path), sha256=sha256)
     model.spec_known = known
@@ -190,7 +217,9 @@ def export_onnx(model: Any, path: str | os.PathLike, image_size: tuple[int, int]
 
     ``model`` is a SegmentationModel (its spec is used) or a ``torch.nn.Module`` with ``spec``. The graph
     has a dynamic batch axis and a fixed ``image_size`` (default: the spec's); the spec, with head
-    ``probabilities``, goes into the file's metadata so that :func:`load_onnx` needs no sidecar.
+    ``probabilities``, goes into the file's metadata so that :func:`load_onnx` needs no sidecar. A 3-D
+    model (spec ``spatial_dims`` 3) gives a graph on volumes (B, C, D, H, W) -> (B, K, D, H, W), its
+    ``image_size`` the ROI [D, H, W].
     """
     import onnx
 
@@ -210,8 +239,10 @@ def export_onnx(model: Any, path: str | os.PathLike, image_size: tuple[int, int]
         raise InputError(f"export_onnx needs a SegmentationModel or torch.nn.Module, not {type(model).__name__}")
     spec.check()
     size = image_size or spec.image_size
-    if not size or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise InputError(f"export_onnx needs the input size [H, W] (image_size), got {size!r}")
+    dims = spec.spatial_dims
+    if not size or len(size) != dims or not all(isinstance(s, int) and s > 0 for s in size):
+        want = "the input size [H, W]" if dims == 2 else "a 3-D model's ROI [D, H, W]"
+        raise InputError(f"export_onnx needs {want} (image_size), got {size!r}")
     secrets = _secret_keys(spec.metadata)
     if secrets:
         raise ModelError(f"the spec metadata holds {', '.join(secrets)}: key material must never go into a model file")
@@ -225,7 +256,7 @@ def export_onnx(model: Any, path: str | os.PathLike, image_size: tuple[int, int]
     text = json.dumps(saved.to_json())
     was_training = module.training
     wrapper = _ProbabilityModule(module, mode).eval()
-    example = torch.zeros(1, spec.in_channels, int(size[0]), int(size[1]), device=module_device(module))
+    example = torch.zeros(1, spec.in_channels, *(int(s) for s in size), device=module_device(module))
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")

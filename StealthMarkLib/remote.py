@@ -13,7 +13,12 @@ Wire protocol ``stealthmark-remote/1`` (``URL`` is the base address, e.g. ``http
 
 ``image_size`` may be null (the client then needs ``--image-size``); ``outputs`` is ``"probabilities"`` or
 ``"logits"`` (softmax, or sigmoid for one channel, is then applied by the client); ``max_batch``,
-``device`` and ``intensity`` are optional.
+``device``, ``intensity`` and ``spatial_dims`` are optional.
+
+3-D models (a compatible extension of the same protocol): the info says ``"spatial_dims": 3`` and
+``"image_size": [D, H, W]`` (the ROI; null: the client needs ``--spec``), and every array gets the extra
+axis: (B, C, D, H, W) in, (B, K, D, H, W) out. Without ``spatial_dims`` (or with 2) everything is 2-D as
+before; a client that predates the field refuses a 3-D server's three-number ``image_size`` with a message.
 
 ``POST URL/predict`` with ``Content-Type: application/x-npy`` and one ``.npy`` file as the body: float32,
 shape (B, C, H, W), model input space -> 200, ``application/x-npy``: float32 (B, K, H, W) (one channel = the
@@ -30,7 +35,8 @@ against the byte count: no pickles, no object arrays, no allocation the data doe
 (:func:`shlex.split`), ``{input}`` and ``{output}`` are replaced in each argument by ``.npy`` paths in a
 private temporary folder (mode 0700), and the program runs WITHOUT a shell (no pipes, globs or variables:
 write ``sh -c '...'`` yourself if the tool needs them). It reads (B, C, H, W) from ``{input}`` and writes
-(B, K, H, W) to ``{output}``, like ``/predict``.
+(B, K, H, W) to ``{output}``, like ``/predict`` (a 3-D tool, described by ``--spec``: (B, C, D, H, W) and
+(B, K, D, H, W)).
 """
 
 from __future__ import annotations
@@ -108,14 +114,19 @@ def read_npy(data: bytes, what: str) -> np.ndarray:
     return arr
 
 
+def _expected(b: int, spatial: tuple[int, ...]) -> str:
+    return f"({b}, K, {', '.join(map(str, spatial))})"
+
+
 def check_answer(arr: np.ndarray, in_shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """A (B, K, H, W) float answer to an input of ``in_shape``, as a float32 tensor; else :class:`ModelError`."""
-    b, _, h, w = in_shape
+    """A (B, K, H, W) (or, for volumes in, (B, K, D, H, W)) float answer to an input of ``in_shape``, as a
+    float32 tensor; else :class:`ModelError`."""
+    b, spatial = int(in_shape[0]), tuple(int(s) for s in in_shape[2:])
     if arr.dtype.kind != "f":
-        raise ModelError(f"{what} has dtype {arr.dtype}; expected float32 probabilities ({b}, K, {h}, {w})")
-    if arr.ndim != 4 or arr.shape[0] != b or arr.shape[2:] != (h, w) or arr.shape[1] < 1:
+        raise ModelError(f"{what} has dtype {arr.dtype}; expected float32 probabilities {_expected(b, spatial)}")
+    if arr.ndim != len(in_shape) or arr.shape[0] != b or arr.shape[2:] != spatial or arr.shape[1] < 1:
         raise ModelError(f"{what} has shape {arr.shape} for input shape {tuple(in_shape)}; "
-                         f"expected ({b}, K, {h}, {w})")
+                         f"expected {_expected(b, spatial)}")
     if not np.isfinite(arr).all():
         raise ModelError(f"{what} holds NaN or infinite values (input shape {tuple(in_shape)})")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
@@ -235,8 +246,7 @@ class HttpTransport(_Transport):
         return parse_info(doc, f"{self.display}/info")
 
     def ask(self, arr: np.ndarray) -> torch.Tensor:
-        b, _, h, w = arr.shape
-        limit = b * max(self.num_classes, 1) * h * w * 8 + 65536
+        limit = arr.shape[0] * max(self.num_classes, 1) * int(np.prod(arr.shape[2:])) * 8 + 65536
         data = self._request("POST", "/predict", limit, body=npy_bytes(arr),
                              headers={"Content-Type": NPY_TYPE, "Accept": NPY_TYPE})
         return check_answer(read_npy(data, "the endpoint's answer"), arr.shape, "the endpoint's answer")
@@ -275,9 +285,12 @@ def parse_info(doc: Any, where: str) -> dict[str, Any]:
     def pos_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
+    dims = doc.get("spatial_dims", 2)
+    if dims not in (2, 3) or isinstance(dims, bool):
+        raise bad("spatial_dims", "2 (images) or 3 (volumes)")
     size = doc.get("image_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(pos_int(s) for s in size)):
-        raise bad("image_size", "[H, W] or null")
+    if size is not None and not (isinstance(size, list) and len(size) == dims and all(pos_int(s) for s in size)):
+        raise bad("image_size", "[H, W] or null" if dims == 2 else "the ROI [D, H, W] or null (spatial_dims 3)")
     if not pos_int(doc.get("in_channels")):
         raise bad("in_channels", "a positive integer")
     if not pos_int(doc.get("num_classes")) or doc["num_classes"] < 2:
@@ -291,16 +304,48 @@ def parse_info(doc: Any, where: str) -> dict[str, Any]:
     return doc
 
 
+def _read_spec(spec: ModelSpec | str | Path | None) -> ModelSpec | None:
+    from .models import read_spec
+
+    if spec is None or isinstance(spec, ModelSpec):
+        return None if spec is None else spec.check()
+    return read_spec(spec)
+
+
 def open_endpoint(url: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 0, max_batch: int = 64,
-                  logits: bool = False, image_size: tuple[int, int] | None = None) -> RemoteModel:
-    """Ask ``URL/info`` and return the endpoint as a query object."""
+                  logits: bool = False, image_size: tuple[int, int] | None = None,
+                  spec: ModelSpec | str | Path | None = None) -> RemoteModel:
+    """Ask ``URL/info`` and return the endpoint as a query object.
+
+    ``spec`` (a ModelSpec or a JSON spec file) fills in what the info leaves null (a 3-D model's ROI,
+    ``intensity``); where both say something they must agree.
+    """
+    given = _read_spec(spec)
     transport = HttpTransport(url, timeout, retries)
     info = transport.info()
     transport.num_classes = info["num_classes"]
+    dims = int(info.get("spatial_dims", 2))
+    size = info.get("image_size")
+    where = f"{transport.display}/info"
+    if given is not None:
+        theirs = {"spatial_dims": dims, "in_channels": info["in_channels"], "num_classes": info["num_classes"],
+                  "image_size": size}
+        for field_name, value in theirs.items():
+            mine = getattr(given, field_name)
+            if value is not None and mine is not None and list(np.atleast_1d(mine)) != list(np.atleast_1d(value)):
+                raise InputError(f"--spec says {field_name} {mine!r} but {where} says {value!r}")
+        size = size or given.image_size
+    if image_size:
+        if dims == 3:
+            raise InputError(f"--image-size is for 2-D models: {where} says spatial_dims 3; give a 3-D endpoint's "
+                             "ROI with --spec SPEC.json (image_size [D, H, W]) if its info does not say it")
+        size = list(image_size)
+    if dims == 3 and not size:
+        raise InputError(f"{where} says spatial_dims 3 but not the ROI (image_size null): pass --spec SPEC.json "
+                         "with spatial_dims 3 and image_size [D, H, W]")
     spec = ModelSpec(network=None, args={}, head="probabilities", in_channels=info["in_channels"],
-                     num_classes=info["num_classes"],
-                     image_size=list(image_size) if image_size else info.get("image_size"),
-                     intensity=info.get("intensity"))
+                     num_classes=info["num_classes"], image_size=list(size) if size else None,
+                     intensity=info.get("intensity") or (given.intensity if given else None), spatial_dims=dims)
     batch = min(int(max_batch), info.get("max_batch", max_batch))
     server = info.get("device") or "not stated"
     return RemoteModel(transport, spec, batch, logits or info.get("outputs") == "logits", transport.display,
@@ -331,7 +376,7 @@ class CommandTransport(_Transport):
         self.num_classes = 2
 
     def ask(self, arr: np.ndarray) -> torch.Tensor:
-        b, _, h, w = arr.shape
+        b, spatial = arr.shape[0], tuple(arr.shape[2:])
         with tempfile.TemporaryDirectory(prefix="stealthmark-cmd-") as tmp:  # mode 0700
             src, dst = Path(tmp) / "input.npy", Path(tmp) / "output.npy"
             src.write_bytes(npy_bytes(arr))
@@ -349,8 +394,8 @@ class CommandTransport(_Transport):
                 raise ModelError(f"the command exited with status {proc.returncode}{said}")
             if not dst.is_file():
                 raise ModelError(f"the command exited 0 but wrote no output file ({{output}}){said}")
-            if dst.stat().st_size > b * max(self.num_classes, 1) * h * w * 8 + 65536:
-                raise ModelError(f"the command's output is far larger than ({b}, K, {h}, {w}) float32{said}")
+            if dst.stat().st_size > b * max(self.num_classes, 1) * int(np.prod(spatial)) * 8 + 65536:
+                raise ModelError(f"the command's output is far larger than {_expected(b, spatial)} float32{said}")
             data = dst.read_bytes()
         try:
             return check_answer(read_npy(data, "the command's output"), arr.shape, "the command's output")
@@ -360,10 +405,31 @@ class CommandTransport(_Transport):
 
 def open_command(template: str, image_size: tuple[int, int] | None, *, in_channels: int | None = None,
                  num_classes: int | None = None, timeout: float = DEFAULT_TIMEOUT, max_batch: int = 64,
-                 logits: bool = False) -> RemoteModel:
-    """A vendor tool as a query object; without ``num_classes`` one probe call (a blank image) finds K."""
+                 logits: bool = False, spec: ModelSpec | str | Path | None = None) -> RemoteModel:
+    """A vendor tool as a query object; without ``num_classes`` one probe call (a blank image) finds K.
+
+    ``spec`` (a ModelSpec or JSON spec file) describes the tool instead of ``image_size``/``in_channels``/
+    ``num_classes``: the way to give a 3-D tool (``spatial_dims`` 3, ``image_size`` its ROI [D, H, W]).
+    """
+    given = _read_spec(spec)
+    dims, intensity = 2, None
+    if given is not None:
+        if image_size is not None:
+            raise InputError("give the tool's input size once: --spec's image_size, or --image-size, not both")
+        for flag, mine, theirs in (("--in-channels", in_channels, given.in_channels),
+                                   ("--num-classes", num_classes, given.num_classes)):
+            if mine is not None and mine != theirs:
+                raise InputError(f"{flag} {mine} contradicts --spec's {theirs}")
+        if not given.image_size:
+            shape = "[H, W]" if given.spatial_dims == 2 else "the ROI [D, H, W] (spatial_dims 3)"
+            raise InputError(f"--command with --spec needs the spec's image_size, {shape}: a command cannot say "
+                             "what input size it takes")
+        image_size, in_channels, dims, intensity = given.image_size, given.in_channels, given.spatial_dims, \
+            given.intensity
+        num_classes = num_classes if num_classes is not None else given.num_classes
     if image_size is None:
-        raise InputError("--command needs --image-size H W: a command cannot say what input size it takes")
+        raise InputError("--command needs --image-size H W (a 2-D tool), or --spec SPEC.json with spatial_dims 3 "
+                         "and image_size [D, H, W] (a 3-D tool): a command cannot say what input size it takes")
     c = 1 if in_channels is None else int(in_channels)
     if c < 1:
         raise InputError(f"--in-channels must be at least 1, not {c}")
@@ -376,16 +442,16 @@ def open_command(template: str, image_size: tuple[int, int] | None, *, in_channe
         num_classes = max(2, int(probe.shape[1]))
     transport.num_classes = num_classes
     spec = ModelSpec(network=None, args={}, head="probabilities", in_channels=c, num_classes=int(num_classes),
-                     image_size=list(image_size))
+                     image_size=list(image_size), intensity=intensity, spatial_dims=dims)
     return RemoteModel(transport, spec, int(max_batch), logits, f"command: {template}",
                        "external command (device not known)")
 
 
 # -- the reference server ------------------------------------------------------------------------------
 class _App:
-    def __init__(self, model: SegmentationModel, image_size: tuple[int, int], max_batch: int, max_body: int):
+    def __init__(self, model: SegmentationModel, image_size: tuple[int, ...], max_batch: int, max_body: int):
         self.model = model
-        self.size = tuple(image_size)
+        self.size = tuple(int(s) for s in image_size)   # (H, W), or a 3-D model's ROI (D, H, W)
         self.max_batch = max_batch
         self.max_body = max_body
         self.lock = threading.Lock()
@@ -393,7 +459,7 @@ class _App:
         self.info = {"protocol": PROTOCOL, "image_size": list(image_size), "in_channels": model.in_channels,
                      "num_classes": model.num_classes, "outputs": "probabilities", "max_batch": max_batch,
                      "device": model.device_description, "intensity": model.spec.intensity,
-                     "server": f"stealthmark {__version__}"}
+                     "spatial_dims": model.spatial_dims, "server": f"stealthmark {__version__}"}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -446,11 +512,13 @@ class _Handler(BaseHTTPRequestHandler):
             arr = read_npy(body, "the body")
         except ModelError as exc:
             return self._error(400, str(exc))
-        c, (h, w) = app.model.in_channels, app.size
+        want = (app.model.in_channels, *app.size)
         if arr.dtype != np.float32:
             return self._error(400, f"the images have dtype {arr.dtype}; send float32")
-        if arr.ndim != 4 or arr.shape[1:] != (c, h, w) or arr.shape[0] < 1:
-            return self._error(400, f"the images have shape {arr.shape}; send (B, {c}, {h}, {w}) with B >= 1")
+        if arr.ndim != 1 + len(want) or arr.shape[1:] != want or arr.shape[0] < 1:
+            what = "images" if len(app.size) == 2 else "volumes of a 3-D model"
+            return self._error(400, f"the {what} have shape {arr.shape}; send (B, {', '.join(map(str, want))}) "
+                                    "with B >= 1")
         if arr.shape[0] > app.max_batch:
             return self._error(413, f"{arr.shape[0]} images in one request, over this server's max_batch "
                                     f"{app.max_batch}")
@@ -467,12 +535,21 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(model: SegmentationModel, host: str = "127.0.0.1", port: int = 8080,
-                image_size: tuple[int, int] | None = None, max_batch: int = 64,
+                image_size: tuple[int, ...] | None = None, max_batch: int = 64,
                 max_body_mb: float = DEFAULT_MAX_BODY_MB, quiet: bool = False) -> ThreadingHTTPServer:
-    """A (not yet started) server answering ``stealthmark-remote/1`` for ``model``; ``port`` 0 picks one."""
-    size = tuple(image_size) if image_size else tuple(model.spec.image_size or ())
-    if len(size) != 2:
-        raise InputError("the model does not record its input size: pass --image-size H W")
+    """A (not yet started) server answering ``stealthmark-remote/1`` for ``model``; ``port`` 0 picks one.
+
+    A 3-D model (spec ``spatial_dims`` 3) is served on its ROI [D, H, W]: (B, C, D, H, W) volumes in."""
+    if model.spatial_dims == 3:
+        if image_size:
+            raise InputError("--image-size is for 2-D models: a 3-D model's spec records its ROI [D, H, W]")
+        size = tuple(model.spec.image_size or ())
+        if len(size) != 3:
+            raise InputError("the 3-D model does not record its ROI: its spec needs image_size [D, H, W]")
+    else:
+        size = tuple(image_size) if image_size else tuple(model.spec.image_size or ())
+        if len(size) != 2:
+            raise InputError("the model does not record its input size: pass --image-size H W")
     if max_batch < 1 or max_body_mb <= 0:
         raise InputError("--max-batch and --max-body-mb must be positive")
     if not model.spec_known:  # a TorchScript file without a spec: one blank image tells K

@@ -328,11 +328,13 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
                image: str | Path | None = None, volume: str | Path | None = None, dicom: str | Path | None = None,
                slices: str | None = None, n_slices: int = 4, samples: int | None = None, seed: int | None = None,
                strength: float | None = None, device: str = "auto", logits: bool = False, batch_size: int = 64,
-               image_size: tuple[int, int] | None = None, progress: Progress | None = None) -> Verification:
+               image_size: tuple[int, int] | None = None, spec: str | Path | None = None,
+               progress: Progress | None = None) -> Verification:
     """Verify a model through its query interface; write report.json, report.html, qr.png (+ lime_map).
 
-    ``model_path`` is a model file, or an opened :class:`SegmentationModel` (then ``device``, ``logits`` and
-    ``batch_size`` as a chunk size are its own; the report's ``model`` is its ``source``).
+    ``model_path`` is a model file (``spec``: its JSON spec, as for :func:`load_model`), or an opened
+    :class:`SegmentationModel` (then ``device``, ``logits`` and ``batch_size`` as a chunk size are its own;
+    the report's ``model`` is its ``source``; ``spec`` was for opening it and is not used here).
     """
     progress = progress or Progress()
     t0 = time.monotonic()
@@ -341,9 +343,9 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
         raise InputError("give at most one of --image, --volume and --dicom")
     out_dir = Path(out_dir)
     given_model = isinstance(model_path, SegmentationModel)  # e.g. a remote.RemoteModel (an endpoint)
-    refuse_overwriting_inputs(out_dir, [None if given_model else model_path, key_path, *given])
+    refuse_overwriting_inputs(out_dir, [None if given_model else model_path, key_path, spec, *given])
     key = load_key(key_path)
-    model = model_path if given_model else load_model(model_path, device=device, logits=logits,
+    model = model_path if given_model else load_model(model_path, spec=spec, device=device, logits=logits,
                                                         max_batch=batch_size)
     if model.spatial_dims == 3:
         trig = slab_trigger_input(model, key, volume if volume is not None else dicom, image, slices,

@@ -347,7 +347,8 @@ def _embed(tmp_path, src, dest, capsys) -> tuple[int, str]:
     ("target", "_target_ 'torch.nn.Identity' is refused"),
     ("expression", "expression .* is refused"),
     ("nested_target", "another object to instantiate is refused"),
-    ("3d", "3-D UNet"),
+    ("3d_no_roi", "holds a 3-D UNet but does not record the ROI .*spatial_shape is \\[64, 64\\]"),
+    ("3d_segresnet", "holds a 3-D SegResNet; StealthMark watermarks 3-D models for MONAI UNet only"),
 ])
 def test_bad_bundles_write_nothing(tmp_path, capsys, case, expect):
     net_def = dict(inference_config()["network_def"])
@@ -358,8 +359,10 @@ def test_bad_bundles_write_nothing(tmp_path, capsys, case, expect):
         net_def["channels"] = "$__import__('os').system('touch pwned')"
     elif case == "nested_target":
         net_def["act"] = {"_target_": "builtins.print"}
-    elif case == "3d":
+    elif case == "3d_no_roi":  # 3-D bundles are read (Testing/test_volume3d_formats.py), given their ROI
         net_def["spatial_dims"] = 3
+    elif case == "3d_segresnet":
+        net_def = {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2}
     elif case == "bad_version":
         meta = metadata("v1")
     config = inference_config(net_def)
