@@ -32,6 +32,9 @@ COMMANDS = {"null_calibration": "python benchmarks/null_calibration.py",
             "baselines": "python benchmarks/baselines_study.py"}
 
 
+DEFAULT_SAMPLES = "the verifier's default"   # settings.samples None
+
+
 def read(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -118,7 +121,7 @@ def provenance(doc: dict) -> str:
         smoke += " **INCOMPLETE: the run stopped early; only the parts shown were measured**"
     return (f"_{env.get('device', '?')}, {env.get('cpu', '?')}, torch {env.get('torch', '?')}; "
             f"{st.get('size', '?')}x{st.get('size', '?')} px, UNet {st.get('channels', '?')}, "
-            f"{st.get('samples', '?')} LIME samples, {st.get('trials', '?')} trials._{smoke}")
+            f"{st.get('samples') or DEFAULT_SAMPLES} LIME samples, {st.get('trials', '?')} trials._{smoke}")
 
 
 def robustness_md(rob: dict) -> list[str]:
