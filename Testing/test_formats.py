@@ -165,7 +165,9 @@ LOCAL_SCHEMA = {
 }
 
 
-def metadata(version: str = "0.2.3") -> dict:
+def metadata(version: str = "0.2.3", shape: list | None = None) -> dict:
+    """A bundle's metadata.json; ``shape``: the input's and output's spatial_shape (default [SIZE, SIZE])."""
+    shape = [SIZE, SIZE] if shape is None else shape
     return {
         "schema": SCHEMA_URL, "version": version,
         "changelog": {version: "tiny test bundle", "0.0.1": "first"},
@@ -174,9 +176,9 @@ def metadata(version: str = "0.2.3") -> dict:
         "authors": "StealthMark tests", "copyright": "none",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "magnitude", "num_channels": 1,
-                                 "spatial_shape": [SIZE, SIZE], "dtype": "float32"}},
+                                 "spatial_shape": shape, "dtype": "float32"}},
             "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 2,
-                                 "spatial_shape": [SIZE, SIZE], "dtype": "float32"}}},
+                                 "spatial_shape": shape, "dtype": "float32"}}},
     }
 
 

@@ -54,7 +54,7 @@ KEY_SEED = 31337
 COMPARED = ("verdict", "payload_decoded", "data_module_agreement", "bit_errors", "n_data_modules", "n_queries",
             "observed_modules", "slices", "n_trigger_images")
 # the metadata schema of test_formats.py (a local copy of the specification's required fields)
-from test_formats import LOCAL_SCHEMA  # noqa: E402
+from test_formats import LOCAL_SCHEMA, metadata  # noqa: E402
 
 TOOL = r'''
 import sys
@@ -222,18 +222,11 @@ def test_onnx_graph_alone_says_3d_and_a_spec_that_disagrees_is_refused(world, tm
 
 # -- MONAI bundles -------------------------------------------------------------------------------------------
 def metadata3(version: str = "0.2.3", shape=list(ROI)) -> dict:
-    return {
-        "schema": "https://example.invalid/meta_schema.json", "version": version,
-        "changelog": {version: "tiny 3-D test bundle", "0.0.1": "first"},
-        "monai_version": "1.4.0", "pytorch_version": "2.4.0", "numpy_version": "1.26.0",
-        "required_packages_version": {}, "task": "brain mask segmentation, 3-D", "description": "a tiny 3-D UNet",
-        "authors": "StealthMark tests", "copyright": "none",
-        "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "magnitude", "num_channels": 1,
-                                 "spatial_shape": shape, "dtype": "float32"}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 2,
-                                 "spatial_shape": shape, "dtype": "float32"}}},
-    }
+    """test_formats' bundle metadata with a 3-D ROI (and its own schema URL, task and description)."""
+    meta = metadata(version, shape)
+    meta.update(schema="https://example.invalid/meta_schema.json", task="brain mask segmentation, 3-D",
+                description="a tiny 3-D UNet", changelog={version: "tiny 3-D test bundle", "0.0.1": "first"})
+    return meta
 
 
 def inference3(network_def: dict | None = None) -> dict:
