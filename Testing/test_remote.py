@@ -7,6 +7,7 @@ model and key (same seed): that shows the remote path queries exactly the same m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -283,23 +284,32 @@ def test_server_refuses_bad_requests(world):
     assert exc.value.code == 404 and "GET /info" in json.loads(exc.value.read())["error"]
 
 
-def test_serve_command_prints_url_and_stops_on_sigterm(world):
+@contextlib.contextmanager
+def served(model_path):
+    """``stealthmark serve --model model_path`` in a subprocess: yields the endpoint opened on the URL it
+    prints and a dict that gets the server's exit code and output after SIGTERM when the block ends."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "StealthMarkLib.cli", "serve", "--model", world["model"],
+    proc = subprocess.Popen([sys.executable, "-m", "StealthMarkLib.cli", "serve", "--model", str(model_path),
                              "--port", "0", "--device", "cpu", "--progress", "none"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ended: dict = {}
     try:
         line = proc.stdout.readline()
         found = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
         assert found, (line, proc.stderr.read() if proc.poll() is not None else "")
-        rem = remote.open_endpoint(found.group(1), timeout=30)
-        assert rem.probabilities(np.zeros((2, 1, SIZE, SIZE), np.float32)).shape == (2, 2, SIZE, SIZE)
+        yield remote.open_endpoint(found.group(1), timeout=30), ended
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        ended["out"], _ = proc.communicate(timeout=30)
+        ended["returncode"] = proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0 and "stopped serving" in out and "1 prediction request" in out
+
+
+def test_serve_command_prints_url_and_stops_on_sigterm(world):
+    with served(world["model"]) as (rem, ended):
+        assert rem.probabilities(np.zeros((2, 1, SIZE, SIZE), np.float32)).shape == (2, 2, SIZE, SIZE)
+    assert ended["returncode"] == 0 and "stopped serving" in ended["out"] and "1 prediction request" in ended["out"]
 
 
 def test_serve_refuses_a_busy_port(world, capsys):

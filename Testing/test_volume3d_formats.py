@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -55,6 +53,7 @@ COMPARED = ("verdict", "payload_decoded", "data_module_agreement", "bit_errors",
             "observed_modules", "slices", "n_trigger_images")
 # the metadata schema of test_formats.py (a local copy of the specification's required fields)
 from test_formats import LOCAL_SCHEMA, metadata  # noqa: E402
+from test_remote import served  # noqa: E402
 
 TOOL = r'''
 import sys
@@ -501,21 +500,8 @@ def test_3d_remote_without_its_roi_or_with_a_2d_answer_says_why(world, servers, 
 
 
 def test_serve_command_serves_a_3d_onnx_model(world):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "StealthMarkLib.cli", "serve", "--model", world["onnx"],
-                             "--port", "0", "--device", "cpu", "--progress", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
-        assert found, (line, proc.stderr.read() if proc.poll() is not None else "")
-        rem = remote.open_endpoint(found.group(1), timeout=30)
+    with served(world["onnx"]) as (rem, ended):
         assert rem.spatial_dims == 3 and rem.spec.image_size == list(ROI)
         x = torch.rand(2, 1, *ROI, generator=torch.Generator().manual_seed(9))
         torch.testing.assert_close(rem.probabilities(x), world["model"].probabilities(x), rtol=0, atol=1e-4)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and "stopped serving" in out and "1 prediction request" in out
+    assert ended["returncode"] == 0 and "stopped serving" in ended["out"] and "1 prediction request" in ended["out"]
