@@ -100,6 +100,32 @@ def test_speed_figures(results):
     assert [r["samples"] for r in doc["query_efficiency"]["rows"]] == [20, 40]
 
 
+def test_speed_merge_reruns_one_part_and_keeps_the_others(results, tmp_path):
+    import speed
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(results / "speed.json", out)
+    old = json.loads((out / "speed.json").read_text())
+    args = ["--smoke", "--out-dir", str(out), "--cache", str(results.parent / "cache")]
+    assert speed.main(args + ["--skip", "lime,embed", "--merge", "--qe-samples", "30"]) == 0
+    new = json.loads((out / "speed.json").read_text())
+    assert [r["samples"] for r in new["query_efficiency"]["rows"]] == [30]      # rerun
+    assert "carried_over" not in new["query_efficiency"]
+    for part in ("lime", "embedding"):                                           # carried, and marked so
+        assert new[part]["carried_over"]["environment"] == old["environment"]
+        assert {k: v for k, v in new[part].items() if k != "carried_over"} == old[part]
+    # nothing to merge from, or a file of another study: refused before anything runs
+    empty = tmp_path / "empty"
+    assert speed.main(["--smoke", "--out-dir", str(empty), "--skip", "lime", "--merge"]) == 2
+    assert not (empty / "speed.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(results / "harmlessness.json", other / "speed.json")
+    assert speed.main(["--smoke", "--out-dir", str(other), "--skip", "lime", "--merge"]) == 2
+    assert speed.main(["--smoke", "--out-dir", str(other), "--skip", "limes"]) == 2
+
+
 def test_summary_has_exactly_the_issue_fields(results):
     s = json.loads((results / "summary.json").read_text())
     assert tuple(s) == make_results.SUMMARY_FIELDS

@@ -6,14 +6,18 @@
    forward passes.
 2. Embedding time against plain fine-tuning of the same clean model for the same number of steps
    (``--steps``, batch 8 clean images; embedding adds trigger and decoy images and the frozen teacher).
-3. Query efficiency: for N in 100, 200, 300, 500, 750, 1000 LIME samples per image, the decode rate over
-   --qe-trials verifications of the owner's watermarked model (key image and 4 blended slices alternately),
-   and the smallest N that still decodes in >= 95% of trials.
+3. Query efficiency: for N in 100, 200, 300, 500, 750, 1000, 2000, 4000 LIME samples per image, the decode
+   rate over --qe-trials verifications of the owner's watermarked model (key image and 4 blended slices
+   alternately), and the smallest N that still decodes in >= 95% of trials.
 
 Writes ``speed.json`` and ``speed_query_efficiency.png`` into --out-dir.
 
     python benchmarks/speed.py            # full
     python benchmarks/speed.py --smoke    # tiny sizes, < 30 s
+    python benchmarks/speed.py --skip lime,embed --merge   # rerun one part, keep the others' figures
+
+``--merge`` carries each skipped part over from the existing ``speed.json`` in --out-dir (marked
+``carried_over`` with the run it came from), so that one part can be rerun without losing the others.
 """
 
 from __future__ import annotations
@@ -31,6 +35,27 @@ import common as C  # noqa: E402
 import lime_speed  # noqa: E402
 
 
+PARTS = {"lime": "lime", "embed": "embedding", "queries": "query_efficiency"}   # --skip name: result key
+
+
+def previous_parts(path: Path, skip: set[str]) -> dict:
+    """The skipped parts of an earlier run's ``speed.json`` (for --merge), each marked with where it came from."""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: there is nothing to carry over")
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(old, dict) or old.get("study") != "speed":
+        raise ValueError(f"{path} is not a speed.py results file")
+    out = {}
+    for name in sorted(skip):
+        part = old.get(PARTS[name])
+        if isinstance(part, dict):
+            out[PARTS[name]] = {**part, "carried_over": {"from": str(path), "environment": old.get("environment")}}
+    return out
+
+
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -46,17 +71,31 @@ def main(argv=None) -> int:
                                                       "(default 100,200,300,500,750,1000)")
     p.add_argument("--qe-trials", type=int, default=None, help="trials per N (default 20; 2 with --smoke)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: lime, embed, queries")
+    p.add_argument("--merge", action="store_true",
+                   help="carry the skipped parts over from the existing speed.json in --out-dir")
     a = p.parse_args(argv)
     st = C.settings(a)
     dev = C.resolve_device(st.device)
     skip = set(a.skip.split(",")) - {""}
+    unknown = skip - set(PARTS)
+    if unknown:
+        print(f"error: --skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        carried = previous_parts(st.out_dir / "speed.json", skip) if a.merge else {}
+    except ValueError as exc:
+        print(f"error: --merge: {exc}", file=sys.stderr)
+        return 2
     sizes = ints(a.lime_sizes) if a.lime_sizes else ([64] if st.smoke else [128, 256])
     lime_ns = ints(a.lime_samples) if a.lime_samples else ([50, 100] if st.smoke else [500, 1000, 2000])
     lime_ch = a.lime_channels or ("8,16,32" if st.smoke else "16,32,64,128,256")
     steps = a.steps or (5 if st.smoke else 100)
-    qe_ns = ints(a.qe_samples) if a.qe_samples else ([20, 40] if st.smoke else [100, 200, 300, 500, 750, 1000])
+    qe_ns = ints(a.qe_samples) if a.qe_samples else ([20, 40] if st.smoke else [100, 200, 300, 500, 750, 1000, 2000,
+                                                                                4000])
     qe_trials = a.qe_trials or (2 if st.smoke else 20)
-    res: dict = {"study": "speed", "complete": False, "settings": st.to_json(), "environment": C.environment(dev)}
+    res: dict = {"study": "speed", "complete": False, "settings": st.to_json(), "environment": C.environment(dev),
+                 **carried}
     tmp = Path(tempfile.mkdtemp(prefix="sm-speed-"))
 
     # 1. LIME engine vs the lime package
@@ -130,7 +169,7 @@ def main(argv=None) -> int:
     if plt is not None and ("lime" in res or "query_efficiency" in res):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         if "lime" in res:
-            for size in sizes:
+            for size in sorted({r["size"] for r in res["lime"]["runs"]}):
                 rr = [r for r in res["lime"]["runs"] if r["size"] == size]
                 axes[0].plot([r["samples"] for r in rr], [r["ours"]["seconds_total"] for r in rr], "o-",
                              label=f"ours {size}px")
@@ -146,7 +185,8 @@ def main(argv=None) -> int:
             axes[1].axhline(0.95, color="k", ls="--", lw=1)
             axes[1].set_ylim(-0.02, 1.02)
             axes[1].set_xlabel("LIME samples N per trigger image")
-            axes[1].set_ylabel(f"decode rate ({qe_trials} trials)")
+            axes[1].set_ylabel(f"decode rate ({res['query_efficiency']['trials_per_n']} trials)")
+            axes[1].set_xscale("log")
             axes[1].set_title("Query efficiency", fontsize=9)
         fig.suptitle(C.describe_device(dev), fontsize=9)
         res["figure"] = C.save_figure(fig, st.out_dir / "speed_query_efficiency.png")
