@@ -20,7 +20,7 @@ aug (AUG=1: the default since), free1800 (session 4: SIDE=0 LR=3e-3, an option s
 let masked trigger pixels keep the trained model's own class and held one unmasked key image a step to the
 original's: QR and mask both worse; 1 thread beside other jobs), sidevis1800 (session 5: SIDE=1 restricted to
 visible cells, hidden cells held to background, LR=3e-3; an experiment in a branch, not kept: QR and mask both
-worse), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+worse), side3600 (session 5: SIDE=1 LR=3e-3, 3600 steps, default augmentation: mask kept, QR 94.2% / 88.9%), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
