@@ -47,7 +47,7 @@ def results(tmp_path_factory, one_torch_thread):
     assert baselines_study.main(common) == 0
     env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(out), "CACHE_DIR": str(cache)}
     proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--smoke"], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=2000)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert make_results.main(["--results-dir", str(out)]) == 0
     return out
@@ -98,6 +98,35 @@ def test_speed_figures(results):
         assert run["ours"]["seconds_total"] > 0 and run["lime"]["seconds_total"] > 0
     assert doc["embedding"]["ratio_embed_over_finetune"] > 0
     assert [r["samples"] for r in doc["query_efficiency"]["rows"]] == [20, 40]
+
+
+def test_robustness_resume_runs_only_the_missing_settings_after_a_reproduced_check(results, tmp_path):
+    import robustness
+
+    full = json.loads((results / "robustness.json").read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    stopped = {**full, "complete": False, "records": full["records"][:-3]}     # a run stopped 3 settings early
+    (out / "robustness.json").write_text(json.dumps(stopped))
+    args = ["--smoke", "--threads", "1", "--out-dir", str(out), "--cache", str(results.parent / "cache"), "--resume",
+            "--device", "cpu"]         # as gpu.sh --smoke ran it
+    assert robustness.main(args) == 0
+    done = json.loads((out / "robustness.json").read_text())
+    assert done["complete"] is True and done["resumed"]["kept_records"] == len(stopped["records"]) - 1
+    assert [(r["attack"], r["setting"]) for r in done["records"]] == [(r["attack"], r["setting"]) for r in full["records"]]
+    assert [bool(r.get("carried_over")) for r in done["records"]] == [False] + [True] * (len(stopped["records"]) - 1) + [False] * 3
+    for new, old in zip(done["records"][-3:], full["records"][-3:]):               # the missing ones, measured
+        assert robustness._outcomes(new["trials"]) == robustness._outcomes(old["trials"])
+    # stored records from another model: its unattacked trials do not reproduce, so nothing is kept or written
+    forged = json.loads(json.dumps(stopped))
+    forged["records"][0]["trials"][0]["agreement"] += 0.25
+    (out / "robustness.json").write_text(json.dumps(forged))
+    with pytest.raises(SystemExit, match="differ from the stored run"):
+        robustness.main(args)
+    assert json.loads((out / "robustness.json").read_text()) == forged
+    # nothing to resume, or other settings: refused before anything runs
+    assert robustness.main(args[:4] + [str(tmp_path / "none")] + args[5:]) == 2
+    assert robustness.main(args + ["--trials", "3"]) == 2
 
 
 def test_speed_merge_reruns_one_part_and_keeps_the_others(results, tmp_path):

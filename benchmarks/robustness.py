@@ -22,14 +22,22 @@ Attacks:
 - ``temperature`` scaling of the output (T = 0.5, 2), ``round`` (probabilities rounded to 2 decimals) and
   ``label-only`` (one-hot argmax: no uncertainty left, so verification is expected to fail).
 
-Writes ``robustness.json`` and ``robustness.png`` into --out-dir.
+Writes ``robustness.json`` and ``robustness.png`` into --out-dir; the JSON is rewritten after every attack, so
+a stopped run keeps what it measured.
 
     python benchmarks/robustness.py            # full
     python benchmarks/robustness.py --smoke    # tiny sizes, < 30 s
+    python benchmarks/robustness.py --resume   # finish a stopped run
+
+``--resume`` keeps the records of an earlier run's ``robustness.json`` in --out-dir and runs only the settings
+it lacks. It first measures the unattacked watermarked model again and goes on only if every trial of it
+(verdict, decoded payload, agreement, bit errors, p-value) equals the stored one: the stored records then
+came from the same model, inputs, LIME seeds and verification code. Kept records are marked ``carried_over``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -44,7 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common as C  # noqa: E402
-from StealthMarkLib.models import SegmentationModel, load_model, save_model  # noqa: E402
+from StealthMarkLib.models import SegmentationModel, file_sha256, load_model, save_model  # noqa: E402
 
 CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
@@ -170,11 +178,48 @@ def fake_int8_conv(net: torch.nn.Module) -> dict:
     return {"conv_layers_quantised": n}
 
 
+BASELINE = ("none", "watermarked model, no attack")
+
+
+def _outcomes(trials: list[dict]) -> list[dict]:
+    """What a trial found, without its timings."""
+    return [{k: v for k, v in t.items() if not k.startswith("seconds")} for t in trials]
+
+
+def previous_records(path: Path, st) -> dict:
+    """(attack, setting) -> record of an earlier run in ``path`` with the same settings (for --resume)."""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: there is no run to resume")
+    try:
+        old = json.loads(path.read_text())
+        recs = {(r["attack"], r["setting"]): r for r in old["records"] if r.get("error") is None}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a robustness.py results file ({exc})") from None
+    if old.get("study") != "robustness":
+        raise ValueError(f"{path} is not a robustness.py results file")
+    mine = {k: v for k, v in json.loads(json.dumps(st.to_json())).items() if k not in ("threads", "out_dir", "cache")}
+    theirs = {k: v for k, v in old.get("settings", {}).items() if k not in ("threads", "out_dir", "cache")}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"{path} was run with other settings ({', '.join(diff)}): run without --resume")
+    if BASELINE not in recs:
+        raise ValueError(f"{path} has no record of the unattacked model to check against: run without --resume")
+    return recs
+
+
 def main(argv=None) -> int:
     p = C.base_parser(__doc__)
     p.add_argument("--only", default=None, help="comma-separated attack names to run (default all)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the records of the robustness.json in --out-dir and run only the missing settings "
+                        "(after checking that the unattacked model's trials reproduce exactly)")
     a = p.parse_args(argv)
     st = C.settings(a)
+    try:
+        stored = previous_records(st.out_dir / "robustness.json", st) if a.resume else {}
+    except ValueError as exc:
+        print(f"error: --resume: {exc}", file=sys.stderr)
+        return 2
     dev = C.resolve_device(st.device)
     key, _ = C.benchmark_key(st.cache)
     owner = C.owner_models(st, 1)[0]
@@ -186,6 +231,7 @@ def main(argv=None) -> int:
     records: list[dict] = []
     res = {"study": "robustness", "complete": False, "settings": st.to_json(), "environment": C.environment(dev),
            "key": key.public_summary(), "model": owner["clean_spec"].label + ", embed seed 0",
+           "model_sha256": file_sha256(wm_path),
            "trigger_inputs": [n for n, _ in inputs],
            "records": records,
            "notes": ["label-only outputs are expected to defeat verification: the watermark lives in the "
@@ -198,6 +244,11 @@ def main(argv=None) -> int:
 
     def record(attack: str, setting: str, make: Callable[[], tuple[Callable, dict]]) -> None:
         if only is not None and attack not in only:
+            return
+        if (attack, setting) in stored and (attack, setting) != BASELINE:
+            records.append({**stored[attack, setting], "carried_over": True})
+            C.write_json(st.out_dir / "robustness.json", res, quiet=True)
+            print(f"{attack:12s} {setting:34s} kept from the stored run")
             return
         t0 = time.monotonic()
         rec: dict = {"attack": attack, "setting": setting}
@@ -214,12 +265,17 @@ def main(argv=None) -> int:
                     "mean_agreement": float(np.mean([t["agreement"] for t in trials])),
                     "owned_rate": C.owned_rate(trials), **info, "seconds": round(time.monotonic() - t0, 1),
                     "trials": trials})
+        if stored and (attack, setting) == BASELINE:
+            if _outcomes(trials) != _outcomes(stored[BASELINE]["trials"]):
+                raise SystemExit("error: --resume: the unattacked watermarked model's trials differ from the stored "
+                                 "run's, so its records came from another model or code; run without --resume")
+            res["resumed"] = {"kept_records": len(stored) - 1, "check": "unattacked model's trials reproduced exactly"}
         records.append(rec)
         C.write_json(st.out_dir / "robustness.json", res, quiet=True)    # after every attack: a stopped run keeps its records
         print(f"{attack:12s} {setting:34s} ASR {rec['asr']:.2f}  Dice {rec['dice']:.4f}  agreement "
               f"{rec['mean_agreement']:.3f}")
 
-    record("none", "watermarked model, no attack", lambda: (fresh(), {}))
+    record(*BASELINE, lambda: (fresh(), {}))
     record("none", "clean original (reference)", lambda: (C.load(clean_path, st.device), {}))
 
     # fine-tuning on clean data
