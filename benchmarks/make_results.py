@@ -127,12 +127,17 @@ def provenance(doc: dict) -> str:
 def robustness_md(rob: dict) -> list[str]:
     rows = [[x["attack"], x["setting"], num(x.get("asr"), ".2f"), num(x.get("dice"), ".4f"),
              num(x.get("mean_agreement"), ".3f"), x.get("error") or x.get("note") or ""] for x in rob["records"]]
+    resumed = rob.get("resumed")
+    kept = ([f"- resumed (`--resume`): {resumed['kept_records']} records kept from a stopped run "
+             f"({resumed['check']}); the others measured in this run"] if resumed else [])
     return table(["attack", "setting", "ASR", "Dice", "mean agreement", "note"], rows) + \
-        [f"- {n}" for n in rob.get("notes", [])] + [""]
+        [f"- {n}" for n in rob.get("notes", [])] + kept + [""]
 
 
 def speed_md(speed: dict) -> list[str]:
-    out = []
+    carried = [name for name in ("lime", "embedding", "query_efficiency") if "carried_over" in speed.get(name, {})]
+    out = [f"_Carried over (`--merge`) from an earlier run: {', '.join(carried)}; measured in this run: the rest._",
+           ""] if carried else []
     if "lime" in speed:
         out += table(["size", "N", "ours s", "ours forward s", "ours overhead", "lime s", "lime / ours"],
                      [[x["size"], x["samples"], num(x["ours"]["seconds_total"], ".2f"),
@@ -148,7 +153,7 @@ def speed_md(speed: dict) -> list[str]:
         out += table(["LIME samples N", "decode rate", "owned rate", "mean agreement", "s / trial"],
                      [[x["samples"], num(x["asr"], ".2f"), num(x["owned_rate"], ".2f"),
                        num(x["mean_agreement"], ".3f"), num(x["seconds_per_trial"], ".2f")] for x in q["rows"]])
-        out += [f"Smallest N decoding in >= 95% of {q['trials_per_n']} trials: {num(q['min_samples_for_95pct'])}"
+        out += [f"Smallest N decoding in >= 95% of {q['trials_per_n']} trials: {num(q['min_samples_for_95pct'], 'd')}"
                 + (f" ({q['note']})" if q.get("note") else ""), ""]
     return out
 
