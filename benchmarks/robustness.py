@@ -197,8 +197,9 @@ def previous_records(path: Path, st) -> dict:
         raise ValueError(f"{path} is not a robustness.py results file ({exc})") from None
     if old.get("study") != "robustness":
         raise ValueError(f"{path} is not a robustness.py results file")
-    mine = {k: v for k, v in json.loads(json.dumps(st.to_json())).items() if k not in ("threads", "out_dir", "cache")}
-    theirs = {k: v for k, v in old.get("settings", {}).items() if k not in ("threads", "out_dir", "cache")}
+    def comparable(settings: dict) -> dict:   # through JSON, as stored (tuples become lists)
+        return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in ("threads", "out_dir", "cache")}
+    mine, theirs = comparable(st.to_json()), comparable(old.get("settings", {}))
     if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise ValueError(f"{path} was run with other settings ({', '.join(diff)}): run without --resume")

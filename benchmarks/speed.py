@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                                                          "(default 16,32,64,128,256)")
     p.add_argument("--steps", type=int, default=None, help="steps for embedding vs fine-tuning (default 100)")
     p.add_argument("--qe-samples", default=None, help="N values for query efficiency "
-                                                      "(default 100,200,300,500,750,1000)")
+                                                      "(default 100,200,300,500,750,1000,2000,4000)")
     p.add_argument("--qe-trials", type=int, default=None, help="trials per N (default 20; 2 with --smoke)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: lime, embed, queries")
     p.add_argument("--merge", action="store_true",

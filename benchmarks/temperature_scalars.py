@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
-from robustness import round_probs, temperature  # noqa: E402
+from robustness import Query, round_probs, temperature  # noqa: E402
 from StealthMarkLib import lime_engine  # noqa: E402
 from StealthMarkLib.sample_data import sample_paths  # noqa: E402
 from StealthMarkLib.trigger import TriggerOverlay  # noqa: E402
@@ -45,16 +45,6 @@ def margin(probs: torch.Tensor) -> torch.Tensor:
     """(B, K, H, W) probabilities -> (B,) minus the mean log-margin of the top two classes."""
     top2 = lime_engine._as_float64(probs).clamp_min(1e-6).topk(2, dim=1).values.log()
     return -(top2[:, 0] - top2[:, 1]).reshape(len(probs), -1).mean(dim=1)
-
-
-class Transformed:
-    """The model's output through ``post`` (a black box, as a vendor could deploy it)."""
-
-    def __init__(self, model, post) -> None:
-        self.model, self.post, self.device = model, post, model.device
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post(self.model.probabilities(x))
 
 
 def main(argv=None) -> int:
@@ -70,8 +60,8 @@ def main(argv=None) -> int:
     t1, _ = sample_paths()
     inputs = [("key", TriggerOverlay(key, st.size, st.size).key_image()[None]),
               ("blend", volume_trigger_input(t1, key, (st.size, st.size), "18,22,42,46", 4, None).images)]
-    queries = [("T=1", wm), ("T=2", Transformed(wm, temperature(2.0))), ("T=0.5", Transformed(wm, temperature(0.5))),
-               ("round2", Transformed(wm, round_probs(2))), ("clean", clean)]
+    queries = [("T=1", wm), ("T=2", Query(wm, post=temperature(2.0))), ("T=0.5", Query(wm, post=temperature(0.5))),
+               ("round2", Query(wm, post=round_probs(2))), ("clean", clean)]
     for scalar in ("margin", "entropy"):
         k = dataclasses.replace(key, lime=dataclasses.replace(key.lime, scalar=scalar))
         for name, query in queries:
