@@ -276,9 +276,15 @@ def test_models_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "models.json"
     assert bench.main(["--smoke", "--archs", "SamViT", "--out", str(out)]) == 0
     assert [r["arch"] for r in json.loads(out.read_text())["records"]] == ["SamViT"]
-    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge"]) == 0   # keeps SamViT's
-    records = json.loads(out.read_text())["records"]
+    # keeps SamViT's record; the settings the two records do not share are left to each record
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge", "--embed-steps", "4"]) == 0
+    doc = json.loads(out.read_text())
+    records = doc["records"]
     assert [r["arch"] for r in records] == ["UNet", "SamViT"]
+    assert [r["settings"]["embed_steps"] for r in records] == [4, 3]
+    assert doc["settings"]["per_record"] == ["embed_steps"] and "embed_steps" not in doc["settings"]
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(tmp_path / "bad.json"), "--embed-steps", "0"]) == 2
+    assert "--embed-steps must be at least 1" in capsys.readouterr().err
     for r in records:
         assert {"arch", "params", "image_size", "asr", "dice_drop_points", "embed_seconds", "device"} <= set(r)
         assert 0.0 <= r["asr"] <= 1.0 and r["params"] > 0 and r["device"].startswith("cpu")

@@ -10,12 +10,13 @@ per architecture: ``arch``, ``params``, ``image_size``, ``asr`` (fraction of tri
 The SAM ViT-B model (StealthMarkLib/samvit.py) starts from random initialisation: no pretrained weights can
 be downloaded here.
 
-Embedding uses the library's default recipe (``EmbedConfig()``, DEFAULT_EMBED_STEPS steps) and the key's
+Embedding uses the library's default recipe (``EmbedConfig()``, DEFAULT_EMBED_STEPS steps unless ``--embed-steps``
+says otherwise; each record's ``settings`` name the steps it was measured with) and the key's
 default tile (4 px at 128 px); clean models train 300 steps with batch 8; verification uses the
 verifier's default sample counts.
 
-Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--trials 10] [--out FILE] [--merge]
-       [--threads N] [--smoke]
+Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--trials 10] [--embed-steps N] [--out FILE]
+       [--merge] [--threads N] [--smoke]
 (``--smoke``: tiny networks at 64 px and a few steps, for the test suite; its figures mean nothing.)
 ``--merge`` keeps the records of the architectures not run now from an existing ``--out`` file (each record
 names its own device), so that CPU and GPU runs can fill one file. The file is rewritten (atomically) after
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", help=f"comma-separated subset of {','.join(ARCHITECTURES)} (default all)")
     ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
+    ap.add_argument("--embed-steps", type=int,
+                    help=f"embedding steps (default the library's, {DEFAULT_EMBED_STEPS}); each record keeps its settings")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
     ap.add_argument("--merge", action="store_true",
@@ -125,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             if a.trials < 1:
                 raise StealthMarkError("--trials must be at least 1")
             s["trials"] = a.trials
+        if a.embed_steps is not None:
+            if a.embed_steps < 1:
+                raise StealthMarkError("--embed-steps must be at least 1")
+            s["embed_steps"] = a.embed_steps
         dev = resolve_device(a.device)
         kept = _kept_records(Path(a.out), archs) if a.merge else []
     except StealthMarkError as exc:
@@ -151,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                                               "device")}), flush=True)
         order = {name: i for i, name in enumerate(ARCHITECTURES)}
         merged = sorted(kept + records, key=lambda r: order.get(r["arch"], len(order)))
-        res = {"smoke": a.smoke, "settings": s, "torch": torch.__version__, "data": ds.describe(),
+        # settings every record shares (a merged file may hold records made with other --embed-steps or --trials)
+        common = {k: v for k, v in s.items() if all(r.get("settings", {}).get(k) == v for r in merged)}
+        common["per_record"] = sorted(set(s) - set(common))
+        res = {"smoke": a.smoke, "settings": common, "torch": torch.__version__, "data": ds.describe(),
                "devices": sorted({r["device"] for r in merged}), "records": merged}
         write_text_atomic(a.out, json.dumps(res, indent=2, default=float) + "\n")
     return 0
