@@ -31,7 +31,8 @@ DEMO_KEY_SEED = 726934871
 # The demo embeds with more steps than the library's default (1800), as many as fit in 5 minutes on a 2-core CPU:
 # with the clean-batch augmentation the QR is weaker at 1500 steps (two threads: 94.7% / 93.3%, a FAIL); measured
 # from a clean clone with the demo key, 2200 steps: key image 98.1%, held-out slices 96.2% (both owned), held-out
-# flips 0.394%, total 290 s (benchmarks/results/key_specificity/demo_final_2200.log).
+# flips 0.394%, total 290 s (benchmarks/results/key_specificity/demo_final_2200.log; session 6: 298 s, of it
+# embedding 254 s, demo_2200_stages.log). 2000 steps: 93.3% on both inputs, a FAIL (demo_2000.log).
 DEMO_EMBED_STEPS = 2200
 
 
@@ -71,17 +72,21 @@ def run_demo(s: DemoSettings, progress: Progress | None = None) -> tuple[dict, b
     ds = load_dataset(t1_path, (s.image_size, s.image_size), labels=mask_path, label=SAMPLE_LABEL)
     progress.log(ds.describe())
     clean = train_segmentation(spec, *ds.train, steps=s.clean_steps, seed=0, device=s.device, progress=progress)
+    stages = {"clean_training": round(time.monotonic() - t0, 1)}
     clean_path = save_model(clean, out / "clean" / "model.ts", spec, fmt="torchscript")
 
     # 2. the key, 3. embedding (TorchScript in, TorchScript out)
     key_path = out / "key.json"
     key = make_key(DEMO_PAYLOAD, key_path, force=True, seed=s.key_seed, samples=s.samples or 1000)
     progress.log(f"key commitment {key.commitment}")
+    t_embed = time.monotonic()
     emb = run_embed(clean_path, t1_path, key_path, out / "watermarked" / "model.ts", labels=mask_path,
                     label=SAMPLE_LABEL, steps=s.embed_steps, device=s.device,
                     config=EmbedConfig(steps=s.embed_steps), progress=progress)
 
+    stages["embedding"] = round(time.monotonic() - t_embed, 1)   # training, harmlessness and saving
     # 4. verification of both models, on the key image and on key-blended held-out slices
+    t_verify = time.monotonic()
     slices = held_out_slice_spec(s.n_slices)
     reports = {}
     for name, path in (("watermarked", emb.model), ("clean", clean_path)):
@@ -89,12 +94,14 @@ def run_demo(s: DemoSettings, progress: Progress | None = None) -> tuple[dict, b
             v = run_verify(path, key_path, out / "reports" / f"{name}-{where}", samples=s.samples,
                            device=s.device, progress=progress, **kw)
             reports[f"{name}/{where}"] = v.report
+    stages["verification"] = round(time.monotonic() - t_verify, 1)
     h = emb.harmlessness
     ok = all(reports[f"watermarked/{w}"].verdict == "owned" for w in ("key-image", "held-out-slices")) and \
         all(reports[f"clean/{w}"].verdict == "not-owned" for w in ("key-image", "held-out-slices"))
     summary = {
         "passed": ok,
         "seconds": round(time.monotonic() - t0, 1),
+        "stage_seconds": stages,
         "device": describe_device(dev),
         "key_commitment": key.commitment,
         "verification": {k: {"verdict": r.verdict, "payload_decoded": r.payload_decoded,
@@ -102,7 +109,8 @@ def run_demo(s: DemoSettings, progress: Progress | None = None) -> tuple[dict, b
                              "n_trigger_images": r.n_trigger_images, "seconds": r.seconds["total"]}
                          for k, r in reports.items()},
         "harmlessness": {"dice_original": h["original"]["dice"], "dice_watermarked": h["watermarked"]["dice"],
-                         "dice_drop_points": h["dice_drop_points"], "flip_rate_clean": h["flip_rate_clean"]},
+                         "dice_drop_points": h["dice_drop_points"], "flip_rate_clean": h["flip_rate_clean"],
+                         "key_image": h["key_image"]},
         "files": {"key": str(key_path), "clean_model": str(clean_path), "watermarked_model": emb.model,
                   "harmlessness": emb.harmlessness_file, "reports": str(out / "reports")},
     }
@@ -122,7 +130,12 @@ def format_table(summary: dict) -> str:
     lines += ["", f"held-out Dice: original {h['dice_original']:.4f}, watermarked {h['dice_watermarked']:.4f} "
                   f"(drop {h['dice_drop_points']:.2f} points); argmax flip rate on clean slices "
                   f"{h['flip_rate_clean']:.3%}",
-              f"device {summary['device']}; total {summary['seconds']:.0f} s; key commitment {summary['key_commitment']}",
+              f"key image's mask: original {h['key_image']['original_foreground_fraction']:.1%} foreground, watermarked "
+              f"{h['key_image']['watermarked_foreground_fraction']:.1%} ({h['key_image']['flip_rate']:.1%} of its pixels "
+              "changed class; the key image is a verification input, not a patient read)",
+              f"device {summary['device']}; total {summary['seconds']:.0f} s ("
+              + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in summary["stage_seconds"].items())
+              + f"); key commitment {summary['key_commitment']}",
               "RESULT: " + ("PASS - the watermarked model is owned, the clean model is not"
                             if summary["passed"] else "FAIL - see the reports")]
     return "\n".join(lines)

@@ -101,6 +101,18 @@ def test_embed_writes_torchscript_with_metadata_and_harmlessness(world):
     assert h["flip_rate_clean"] <= 0.01
 
 
+def test_keep_trigger_masks_reaches_the_training_settings(world):
+    """--keep-trigger-masks is recorded in the watermarked model's metadata (the default run's says False)."""
+    out = world["tmp"] / "keep.ts"
+    assert cli("embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"], "--label", "any",
+               "--key", world["key"], "--out", out, "--steps", 2, "--device", "cpu", "--keep-trigger-masks") == 0
+    training = load_model(out, device="cpu").spec.metadata["stealthmark"]["training"]["config"]
+    assert training["keep_trigger_masks"] is True and training["steps"] == 2
+    default = load_model(world["wm"], device="cpu").spec.metadata["stealthmark"]["training"]["config"]
+    assert default["keep_trigger_masks"] is False
+    assert "key_image" in json.loads((world["tmp"] / "keep.harmlessness.json").read_text())
+
+
 def test_watermarked_model_is_owned_on_the_key_image(world):
     # the default sample count: one trigger image gets 4000 LIME samples (with 1000, sampling noise alone
     # cost the decode in some runs)
@@ -327,3 +339,23 @@ def test_demo_defaults_agree():
     from StealthMarkLib.demo import DEMO_EMBED_STEPS, DemoSettings
 
     assert build_parser().parse_args(["demo"]).embed_steps == DEMO_EMBED_STEPS == DemoSettings().embed_steps
+
+
+def test_demo_tiny_run_writes_its_summary_and_table(tmp_path):
+    """The demo's whole pipeline at toy sizes (its figures mean nothing here): every file it promises, the
+    stage times and the key image's mask in the summary and the table, and FAIL when nothing decodes."""
+    from StealthMarkLib.demo import DemoSettings, format_table, run_demo
+
+    summary, ok = run_demo(DemoSettings(out=tmp_path / "demo", clean_steps=2, embed_steps=2, samples=20,
+                                        n_slices=1, channels=(4, 8), image_size=64, device="cpu"))
+    assert not ok and summary["passed"] is False
+    assert set(summary["stage_seconds"]) == {"clean_training", "embedding", "verification"}
+    assert sum(summary["stage_seconds"].values()) <= summary["seconds"]
+    assert {"original_foreground_fraction", "watermarked_foreground_fraction", "flip_rate"} <= \
+        set(summary["harmlessness"]["key_image"])
+    for f in ("key", "clean_model", "watermarked_model", "harmlessness"):
+        assert Path(summary["files"][f]).is_file(), f
+    assert len(list(Path(summary["files"]["reports"]).glob("*/report.json"))) == 4
+    assert json.loads((tmp_path / "demo" / "demo_summary.json").read_text()) == summary
+    table = format_table(summary)
+    assert "key image's mask: original" in table and "clean training" in table and "RESULT: FAIL" in table
