@@ -477,6 +477,11 @@ def _processEvents() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Parameter node
 # ---------------------------------------------------------------------------------------------------------
+def _flag(value: Any) -> bool:
+    """A bool setting from its stored text ("True"/"False") or a bool."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
+
+
 class _Parameter:
     """A typed setting stored as a string parameter of the module's vtkMRMLScriptedModuleNode."""
 
@@ -551,6 +556,7 @@ class StealthMarkParameters:
     embedPayload = _Parameter(str, "")
     embedOutputPath = _Parameter(str, "")
     embedSteps = _Parameter(int, DEFAULT_EMBED_STEPS)
+    embedKeepMasks = _Parameter(_flag, False)
     embedDevice = _Parameter(str, "auto")
 
     def __init__(self, parameterNode: Any):
@@ -666,7 +672,7 @@ lime package and 3D Slicer. The bundled sample is the ITK project's T1 brain MRI
 # ---------------------------------------------------------------------------------------------------------
 # Widget
 # ---------------------------------------------------------------------------------------------------------
-# (parameter, widget, kind): how each setting is shown; kinds: node, path, text, int, device
+# (parameter, widget, kind): how each setting is shown; kinds: node, path, text, int, bool, device
 PARAMETER_WIDGETS = (
     ("verifyVolume", "verifyVolumeSelector", "node"),
     ("verifyModelPath", "verifyModelPathLineEdit", "path"),
@@ -683,10 +689,12 @@ PARAMETER_WIDGETS = (
     ("embedPayload", "embedPayloadLineEdit", "text"),
     ("embedOutputPath", "embedOutputPathLineEdit", "path"),
     ("embedSteps", "embedStepsSpinBox", "int"),
+    ("embedKeepMasks", "embedKeepMasksCheckBox", "bool"),
     ("embedDevice", "embedDeviceComboBox", "device"),
 )
 _SIGNALS = {"node": "currentNodeChanged(vtkMRMLNode*)", "path": "currentPathChanged(QString)",
-            "text": "textChanged(QString)", "int": "valueChanged(int)", "device": "currentIndexChanged(int)"}
+            "text": "textChanged(QString)", "int": "valueChanged(int)", "bool": "toggled(bool)",
+            "device": "currentIndexChanged(int)"}
 _VERDICT_COLOURS = {"owned": "#1a7f37", "not-owned": "#555555", "inconclusive": "#b35900"}
 
 
@@ -827,6 +835,8 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         widget.setText(value)
                 elif kind == "int":
                     widget.setValue(int(value))
+                elif kind == "bool":
+                    widget.setChecked(bool(value))
                 elif kind == "device":
                     widget.setCurrentIndex(max(0, widget.findText(value)))
             self._refreshSegments()
@@ -851,6 +861,8 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     value = widget.text
                 elif kind == "int":
                     value = widget.value
+                elif kind == "bool":
+                    value = bool(widget.checked)
                 else:
                     value = widget.currentText or "auto"
                 setattr(p, param, value)
@@ -1049,7 +1061,8 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             job = self.logic.startEmbed(p.embedVolume, p.embedLabels, p.embedSegment, p.embedModelPath,
                                         p.embedKeyPath, p.embedOutputPath, steps=p.embedSteps,
-                                        device=p.embedDevice, progressCallback=self._onEvent)
+                                        device=p.embedDevice, keepTriggerMasks=p.embedKeepMasks,
+                                        progressCallback=self._onEvent)
         except Exception as exc:
             self._showError("Cannot start embedding", exc)
             return
@@ -1339,7 +1352,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
     # -- embed ------------------------------------------------------------------------------------
     def startEmbed(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
                    keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
-                   progressCallback: Callable[[dict], None] | None = None) -> StealthMarkJob:
+                   progressCallback: Callable[[dict], None] | None = None,
+                   keepTriggerMasks: bool = False) -> StealthMarkJob:
         _checkVolumeNode(volumeNode, "training volume")
         if segmentationOrLabelmapNode is None:
             raise ValueError("choose a segmentation or a labelmap with the annotation")
@@ -1365,7 +1379,7 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         produced = work / "out" / target.name
         args = ["embed", f"--model={modelPath}", f"--data={dataPath}", f"--labels={labelPath}", f"--label={label}",
                 f"--key={keyPath}", f"--out={produced}", f"--steps={int(steps)}", f"--device={device}",
-                "--progress=json"]
+                "--progress=json"] + (["--keep-trigger-masks"] if keepTriggerMasks else [])
 
         def finish(result: RunResult) -> dict:
             info = result.result or {}
@@ -1390,16 +1404,17 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
 
     def embedFromNodes(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
                        keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
-                       progressCallback: Callable[[dict], None] | None = None) -> dict:
+                       progressCallback: Callable[[dict], None] | None = None, keepTriggerMasks: bool = False) -> dict:
         """Watermark ``modelPath`` by fine-tuning on ``volumeNode`` with one segment as the annotation.
 
         ``segmentationOrLabelmapNode`` is a vtkMRMLSegmentationNode (``segmentId``: a segment ID or name;
         None when it has one segment) or a vtkMRMLLabelMapVolumeNode on the volume's grid (``segmentId``: a
         label value, or "any" / None for every non-zero voxel). Writes ``outPath`` and, beside it,
         ``<name>.harmlessness.json``; returns that dict (``original``/``watermarked`` Dice, ``flip_rate_clean``).
+        ``keepTriggerMasks``: trigger images keep the original's mask (``stealthmark embed --keep-trigger-masks``).
         """
         return self.startEmbed(volumeNode, segmentationOrLabelmapNode, segmentId, modelPath, keyPath, outPath,
-                               steps, device, progressCallback).wait()
+                               steps, device, progressCallback, keepTriggerMasks=keepTriggerMasks).wait()
 
     # -- setup ------------------------------------------------------------------------------------
     def packageStatus(self) -> list[PackageStatus]:

@@ -236,8 +236,20 @@ class QPlainTextEdit(FakeWidget):
         return "\n".join(self.lines)
 
 
+class QCheckBox(FakeWidget):
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.checked = False
+        super().__init__(*args, **kwargs)
+
+    def setChecked(self, checked: bool) -> None:
+        changed = bool(checked) != self.checked
+        self.checked = bool(checked)
+        if changed:
+            self.emit("toggled", self.checked)
+
+
 WIDGET_CLASSES = {cls.__name__: cls for cls in (QPushButton, QLineEdit, ctkPathLineEdit, QSpinBox, QComboBox,
-                                               qMRMLNodeComboBox, QLabel, QProgressBar, QPlainTextEdit)}
+                                               qMRMLNodeComboBox, QLabel, QProgressBar, QPlainTextEdit, QCheckBox)}
 
 
 def _property(element: ET.Element) -> Any:

@@ -419,7 +419,7 @@ def test_parameter_node_survives_scene_save_and_load(sm, scene, sample_files, tm
                   verifySlices="10:40:2", verifySamples=750, verifySeed=12, verifyDevice="cpu",
                   verifyOutputDir="/reports/é", embedVolume=volume, embedLabels=labels, embedSegment="5",
                   embedModelPath="/m/clean.ts", embedKeyPath="/k/new.json", embedPayload="SM:ACME 0001",
-                  embedOutputPath="/m/wm.ts", embedSteps=450, embedDevice="cuda")
+                  embedOutputPath="/m/wm.ts", embedSteps=450, embedKeepMasks=True, embedDevice="cuda")
     for name, value in values.items():
         setattr(p, name, value)
     assert set(values) | {"verifyAttribution"} == set(sm.StealthMarkParameters.names())
@@ -822,6 +822,11 @@ def test_widget_builds_from_the_ui_and_keeps_the_parameter_node_in_step(sm, scen
     p.embedSteps = 77
     p.embedKeyPath = str(key_file[0])
     assert ui.embedStepsSpinBox.value == 77 and ui.embedCommitmentLabel.text == key_file[1]
+    assert p.embedKeepMasks is False and not ui.embedKeepMasksCheckBox.checked
+    ui.embedKeepMasksCheckBox.setChecked(True)
+    assert p.embedKeepMasks is True
+    p.embedKeepMasks = False
+    assert not ui.embedKeepMasksCheckBox.checked
     ui.embedPayloadLineEdit.setText("SM:ME")
     assert ui.embedCreateKeyButton.enabled
 
@@ -879,6 +884,20 @@ def test_embed_from_a_volume_node_and_a_segmentation_node(embedded, temp_root):
     stages = {e.get("stage") for e in embedded["events"] if e["event"] == "progress"}
     assert "embed" in stages
     assert leftover_work_dirs(temp_root) == []
+
+
+def test_embed_keeping_the_trigger_masks_reaches_the_command(sm, sample_files, clean_model, key_file, tmp_path):
+    """The Embed panel's "Keep the key image's mask" box: the command trains with keep_trigger_masks."""
+    from StealthMarkLib.models import load_model
+
+    scene = new_scene()
+    volume = load_volume(scene, sample_files["nifti"], "T1")
+    labels = load_volume(scene, sample_files["mask"], "mask", labelmap=True)
+    out = tmp_path / "kept.pt"
+    sm.StealthMarkLogic(scene=scene).embedFromNodes(volume, labels, "any", str(clean_model), str(key_file[0]),
+                                                    str(out), steps=2, device="cpu", keepTriggerMasks=True)
+    config = load_model(out, device="cpu").spec.metadata["stealthmark"]["training"]["config"]
+    assert config["keep_trigger_masks"] is True and config["steps"] == 2
 
 
 def verify_node(sm, scene, node, model, key, out, **kw):

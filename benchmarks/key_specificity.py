@@ -8,7 +8,7 @@ Prints one line per verification: agreement, '*' when the QR decoded.
     env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
     batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), AUG (fraction of
     the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), SIZE / CH / TILE (input size, UNet
-    channels, secret tile px; default 128 / 8,16,32,64 / 4), SAVE (write the watermarked model there)
+    channels, secret tile px; default 128 / 8,16,32,64 / 4), SAVE (write the watermarked model there), SAMPLES (LIME samples per image, default 1000; "default": the verifier's, 4000 on the key image alone)
 
 The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
 at a time): SIDE=0 LR=1e-3 STEPS=600 (m8noside), SIDE=1 LR=1e-3 600 (m8side), SIDE=0 LR=1e-3 1800 (s1800),
@@ -20,12 +20,19 @@ aug (AUG=1: the default since), free1800 (session 4: SIDE=0 LR=3e-3, an option s
 let masked trigger pixels keep the trained model's own class and held one unmasked key image a step to the
 original's: QR and mask both worse; 1 thread beside other jobs), sidevis1800 (session 5: SIDE=1 restricted to
 visible cells, hidden cells held to background, LR=3e-3; an experiment in a branch, not kept: QR and mask both
-worse), side3600 (session 5: SIDE=1 LR=3e-3, 3600 steps, default augmentation: mask kept, QR 94.2% / 88.9%), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+worse), side3600 (session 5: SIDE=1 LR=3e-3, 3600 steps, default augmentation: mask kept, QR 94.2% / 88.9%),
+side3600s4000 (session 6: the same with SAMPLES=4000, as `stealthmark verify` samples: the key image decodes),
+sidekey1800 (session 6: the mask kept on key images only, an option tried in the library and removed; worse),
+logodds1800 (session 6, SIDE=0 LR=3e-3 SAMPLES=default: keys explaining the foreground log-odds, with
+log-odds targets that keep every trigger pixel's class and add a fixed lift on visible secret-tile cells; an
+option tried in the library and removed: mask kept, QR 72.1% / 60.1%), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
 default since: PASS); on two threads from a clean clone: demo_2threads_1500 (half: FAIL),
-demo_2threads_1500_noaug (none: FAIL) and demo_final_2200 (half, 2200 steps, the demo's default: PASS).
+demo_2threads_1500_noaug (none: FAIL) and demo_final_2200 (half, 2200 steps, the demo's default: PASS);
+session 6, two threads alone: demo_2200_stages (PASS, 298 s, with the time of each stage) and demo_2000
+(2000 steps: FAIL, 93.3% on both inputs).
 """
 import os, sys, time, warnings
 from pathlib import Path
@@ -59,7 +66,11 @@ if not cp.exists():
 clean = load_model(cp)
 D = int(os.environ.get("DECOYS", "8"))
 T = int(os.environ.get("TILE", "4"))
-key = create_key("SM:BENCH-0001", seed=keyseed, decoys=D, tile=T)
+def make_key(payload, seed):
+    return create_key(payload, seed=seed, decoys=D, tile=T)
+
+
+key = make_key("SM:BENCH-0001", keyseed)
 t0 = time.time()
 overrides = {"keep_trigger_masks": os.environ.get("SIDE", "1") == "1", "lr": float(os.environ.get("LR", "1e-3"))}
 for env, name, typ in (("TB", "trigger_batch", int), ("DPB", "decoys_per_batch", int), ("KIPB", "key_images_per_batch", int),
@@ -76,17 +87,20 @@ if os.environ.get("SAVE"):
 h = harmlessness(clean, wm, *ds.test, key)
 print(tag, "dice drop", round(h["dice_drop_points"], 3), "flip", round(h["flip_rate_clean"], 5), "trig flip",
       round(h["flip_rate_triggered"], 4), "keyimg", h["key_image"])
+SAMPLES = None if os.environ.get("SAMPLES") == "default" else int(os.environ.get("SAMPLES", "1000"))
+
+
 def run(m, k, name):
     out = []
     for where in ("key", "blend"):
         imgs = TriggerOverlay(k, size, size).key_image()[None] if where == "key" else \
             volume_trigger_input(t1, k, (size, size), "18,22,42,46", 4, None).images
-        r = verify_query(m, k, imgs, samples=1000, seed=7).report
+        r = verify_query(m, k, imgs, samples=SAMPLES, seed=7).report
         out.append(f"{where}:{r.data_module_agreement:.3f}{'*' if r.payload_decoded else ''}")
     print(tag, name, " ".join(out), flush=True)
 run(wm, key, "OWNER")
 for j in range(4):
-    run(wm, create_key(key.payload, seed=5000 + j, decoys=D, tile=T), f"wrong{j}")
+    run(wm, make_key(key.payload, 5000 + j), f"wrong{j}")
 for j in range(2):
-    run(wm, create_key(f"SM:USURP-{j}", seed=6000 + j, decoys=D, tile=T), f"usurp{j}")
+    run(wm, make_key(f"SM:USURP-{j}", 6000 + j), f"usurp{j}")
 run(clean, key, "clean")
