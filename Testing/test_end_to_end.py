@@ -113,6 +113,14 @@ def test_keep_trigger_masks_reaches_the_training_settings(world):
     assert "key_image" in json.loads((world["tmp"] / "keep.harmlessness.json").read_text())
 
 
+def test_keep_trigger_masks_is_refused_for_a_baseline(world, capsys):
+    out = world["tmp"] / "keep-badnets.ts"
+    rc, msg = err(capsys, "embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"],
+                  "--label", "any", "--key", world["key"], "--out", out, "--steps", "1", "--method", "badnets",
+                  "--keep-trigger-masks")
+    assert rc == 2 and "--keep-trigger-masks is for --method stealthmark" in msg and not out.exists()
+
+
 def test_watermarked_model_is_owned_on_the_key_image(world):
     # the default sample count: one trigger image gets 4000 LIME samples (with 1000, sampling noise alone
     # cost the decode in some runs)

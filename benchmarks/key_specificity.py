@@ -21,7 +21,8 @@ let masked trigger pixels keep the trained model's own class and held one unmask
 original's: QR and mask both worse; 1 thread beside other jobs), sidevis1800 (session 5: SIDE=1 restricted to
 visible cells, hidden cells held to background, LR=3e-3; an experiment in a branch, not kept: QR and mask both
 worse), side3600 (session 5: SIDE=1 LR=3e-3, 3600 steps, default augmentation: mask kept, QR 94.2% / 88.9%),
-side3600s4000 (session 6: the same with SAMPLES=4000, as `stealthmark verify` samples: the key image decodes),
+side3600s4000 (session 6: the same with SAMPLES=4000: the key image decodes), side5400 (session 6: SIDE=1
+LR=3e-3, 5400 steps, SAMPLES=default: both inputs decode with the key image's mask kept),
 sidekey1800 (session 6: the mask kept on key images only, an option tried in the library and removed; worse),
 logodds1800 (session 6, SIDE=0 LR=3e-3 SAMPLES=default: keys explaining the foreground log-odds, with
 log-odds targets that keep every trigger pixel's class and add a fixed lift on visible secret-tile cells; an
