@@ -12,6 +12,8 @@ Measures what the embedding/verification issue asks for, on a 2-core CPU by defa
 - verification of the whole 62-slice sample volume (default slice choice) and its time.
 
 Usage: .venv/bin/python benchmarks/effectiveness.py [--out benchmarks/results/effectiveness.json] [--quick]
+       [--skip-demo] [--embed-steps N] [--keep-trigger-masks]
+(the last two: another embedding recipe, e.g. the one that keeps the key image's mask; both are recorded)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
+from StealthMarkLib.embed import EmbedConfig  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.models import describe_device, load_model, resolve_device, save_model  # noqa: E402
@@ -53,7 +56,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/effectiveness.json"))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes (for the test suite)")
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--embed-steps", type=int, help=f"embedding steps (default {DEFAULT_EMBED_STEPS}; 300 with --quick)")
+    ap.add_argument("--keep-trigger-masks", action="store_true",
+                    help="embed with EmbedConfig.keep_trigger_masks (stealthmark embed --keep-trigger-masks)")
     a = ap.parse_args()
+    if a.embed_steps is not None and a.embed_steps < 1:
+        ap.error("--embed-steps must be at least 1")
     q = a.quick
     size = 64 if q else 128
     channels = (16, 32, 64) if q else (8, 16, 32, 64)
@@ -83,8 +91,10 @@ def main() -> None:
     clean_path = save_model(clean, tmp / "clean.ts", spec)
     key = create_key("SM:BENCH-0001", seed=20261127)   # a published benchmark key: never use it for real
     key_path = key.save(tmp / "key.json")
-    emb = run_embed(clean_path, t1, key_path, tmp / "wm.ts", labels=mask, label=SAMPLE_LABEL,
-                    steps=DEFAULT_EMBED_STEPS if not q else 300)
+    steps = a.embed_steps or (DEFAULT_EMBED_STEPS if not q else 300)
+    emb = run_embed(clean_path, t1, key_path, tmp / "wm.ts", labels=mask, label=SAMPLE_LABEL, steps=steps,
+                    config=EmbedConfig(keep_trigger_masks=a.keep_trigger_masks))
+    res["embed_steps"], res["keep_trigger_masks"] = steps, a.keep_trigger_masks
     res["embed_seconds"] = emb.log["seconds"]
     res["harmlessness"] = emb.harmlessness
     wm = load_model(tmp / "wm.ts")
