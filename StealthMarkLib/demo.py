@@ -72,7 +72,7 @@ def run_demo(s: DemoSettings, progress: Progress | None = None) -> tuple[dict, b
     ds = load_dataset(t1_path, (s.image_size, s.image_size), labels=mask_path, label=SAMPLE_LABEL)
     progress.log(ds.describe())
     clean = train_segmentation(spec, *ds.train, steps=s.clean_steps, seed=0, device=s.device, progress=progress)
-    stages = {"clean_training": round(time.monotonic() - t0, 1)}
+    stages = {"clean_training": round(time.monotonic() - t0, 1)}   # with reading the sample data
     clean_path = save_model(clean, out / "clean" / "model.ts", spec, fmt="torchscript")
 
     # 2. the key, 3. embedding (TorchScript in, TorchScript out)

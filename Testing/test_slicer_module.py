@@ -318,6 +318,10 @@ def test_ui_file_is_a_valid_designer_file():
     sections = {w.findtext("property[@name='text']/string") for w in widgets
                 if w.get("class") == "ctkCollapsibleButton"}
     assert {"Setup", "Verify", "Embed"} <= sections
+    for form in root.iter("layout"):   # a QFormLayout has a label and a field column, one item per cell
+        if form.get("class") == "QFormLayout":
+            cells = [(i.get("row"), i.get("column")) for i in form.findall("item")]
+            assert {c for _r, c in cells} <= {"0", "1"} and len(cells) == len(set(cells)), form.get("name")
     classes = {w.get("class") for w in widgets}
     assert {"qMRMLNodeComboBox", "ctkPathLineEdit"} <= classes
     declared = {c.findtext("class") for c in root.iter("customwidget")}
