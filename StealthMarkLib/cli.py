@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
     d.add_argument("--embed-steps", type=int, default=2200,
-                   help=f"embedding steps (default 2200: 2000 did not decode; the demo then takes about 5 minutes on a "
+                   help=f"embedding steps (default 2200: 2000 did not decode; the demo then takes about 4 minutes on a "
                         f"2-core CPU; the library's default is {DEFAULT_EMBED_STEPS})")
     d.add_argument("--samples", type=int, help="LIME samples per trigger image (default: 1000 per slice, 4000 "
                    "on the key image alone)")

@@ -32,7 +32,9 @@ DEMO_KEY_SEED = 726934871
 # with the clean-batch augmentation the QR is weaker at 1500 steps (two threads: 94.7% / 93.3%, a FAIL); measured
 # from a clean clone with the demo key, 2200 steps: key image 98.1%, held-out slices 96.2% (both owned), held-out
 # flips 0.394%, total 290 s (benchmarks/results/key_specificity/demo_final_2200.log; session 6: 298 s, of it
-# embedding 254 s, demo_2200_stages.log). 2000 steps: 93.3% on both inputs, a FAIL (demo_2000.log).
+# embedding 254 s, demo_2200_stages.log). 2000 steps: 93.3% on both inputs, a FAIL (demo_2000.log). Session 7, with
+# training in channels_last on the CPU: 100% / 99.5%, flips 0.372%, 241 s from a clean clone (embedding 201 s;
+# demo_clean_clone_session7.log).
 DEMO_EMBED_STEPS = 2200
 
 

@@ -66,6 +66,8 @@ class TriggerOverlay:
         cells: (H, W) int64 feature id of each pixel (row-major over the G x G grid).
         dark_cells: (G*G,) bool, True where the QR module is dark.
         texture: (H, W) float32 additive texture on the [0, 1] scale (before mapping to ``value_range``).
+        decoy_set: (D, s, s) the decoy tiles of the light cells.
+        cell_tiles: (G*G,) int64 the tile in each cell: -1 the secret tile, 0..D-1 a decoy (-2: noise).
     """
 
     def __init__(self, key: WatermarkKey, height: int, width: int, tile: np.ndarray | None = None,
@@ -95,9 +97,13 @@ class TriggerOverlay:
         dark_px = self.dark_cells[self.cells]
         if t.light == "noise":
             light = rng.normal(0.0, t.light_sigma, size=(self.height, self.width))
+            self.decoy_set = np.empty((0, n, n), dtype=np.float32)
+            self.cell_tiles = np.where(self.dark_cells, -1, -2)
         else:
-            choice = decoy_tiles(rng, t.decoys, self.tile)[rng.integers(0, t.decoys, g2)]
-            light = t.dark_amplitude * choice[self.cells, ty, tx]
+            self.decoy_set = decoy_tiles(rng, t.decoys, self.tile)
+            which = rng.integers(0, t.decoys, g2)
+            self.cell_tiles = np.where(self.dark_cells, -1, which)
+            light = t.dark_amplitude * self.decoy_set[which][self.cells, ty, tx]
         return np.where(dark_px, t.dark_amplitude * self.tile[ty, tx], light).astype(np.float32)
 
     # -- values in the model's input space -----------------------------------------------------

@@ -258,3 +258,21 @@ def test_effectiveness_quick_run_records_its_recipe(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH / "effectiveness.py"), "--embed-steps", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--embed-steps must be at least 1" in bad.stderr
+
+
+def test_tile_response_prints_each_keys_tiles(tmp_path):
+    """tile_response.py on a tiny (untrained) model: a line per key and per tile, and the band verdict."""
+    from StealthMarkLib.models import SegmentationModel, build_network, save_model
+    from StealthMarkLib.train import demo_spec
+
+    torch.manual_seed(0)
+    spec = demo_spec((4, 8), 64)
+    path = save_model(SegmentationModel(build_network(spec), spec, device="cpu"), tmp_path / "m.ts", spec)
+    proc = subprocess.run([sys.executable, str(BENCH / "tile_response.py"), "--model", str(path), "--samples", "60",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    heads = [ln for ln in lines if "agreement" in ln and "band" in ln]
+    assert len(heads) == 6 and heads[0].startswith("owner") and "usurper key 4" in heads[-1]
+    assert sum(ln.strip().startswith("secret ") and "data cells" in ln for ln in lines) == 6
+    assert sum(ln.strip().startswith("decoy ") for ln in lines) >= 6 * 4

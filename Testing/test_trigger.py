@@ -105,6 +105,21 @@ def test_light_cells_carry_decoy_tiles_never_the_secret_one(key):
     assert 1 < len(seen) <= key.texture.decoys
 
 
+def test_cell_tiles_name_the_tile_each_cell_carries(key):
+    """``cell_tiles`` / ``decoy_set`` (what benchmarks/tile_response.py groups attributions by) match the texture."""
+    ov = TriggerOverlay(key, 128, 128)
+    n, amp = key.texture.tile, key.texture.dark_amplitude
+    assert ov.cell_tiles.shape == ov.dark_cells.shape
+    assert ((ov.cell_tiles == -1) == ov.dark_cells).all()
+    assert len(ov.decoy_set) == key.texture.decoys and set(ov.cell_tiles[~ov.dark_cells]) <= set(range(key.texture.decoys))
+    for c in range(ov.grid ** 2):
+        ys, xs = np.nonzero(ov.cells == c)
+        y0, x0 = ys.min(), xs.min()
+        patch = ov.texture[y0:y0 + n, x0:x0 + n] / amp
+        expected = ov.tile if ov.cell_tiles[c] == -1 else ov.decoy_set[ov.cell_tiles[c]]
+        assert shift_similarity(patch[None], expected)[0] == 1.0, f"cell {c}"
+
+
 def test_decoy_tiles_are_balanced_and_never_a_shift_of_the_secret():
     secret = secret_tile(9, 4)
     tiles = decoy_tiles(np.random.default_rng(1), 3000, secret)

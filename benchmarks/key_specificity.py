@@ -26,7 +26,14 @@ LR=3e-3, 5400 steps, SAMPLES=default: both inputs decode with the key image's ma
 sidekey1800 (session 6: the mask kept on key images only, an option tried in the library and removed; worse),
 logodds1800 (session 6, SIDE=0 LR=3e-3 SAMPLES=default: keys explaining the foreground log-odds, with
 log-odds targets that keep every trigger pixel's class and add a fixed lift on visible secret-tile cells; an
-option tried in the library and removed: mask kept, QR 72.1% / 60.1%), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+option tried in the library and removed: mask kept, QR 72.1% / 60.1%), bgonly1800 (session 7, SAMPLES=default: the
+mask kept, with only pixels the original calls background answering the secret tile, foreground ones held at
+0.98; an option tried in the library and removed: QR 75.5% / 56.2%, key-image mask 4.2% flipped), follow1800
+(session 7, SAMPLES=default: trigger targets the original's own probabilities on each masked sample, mixed 90%
+towards uniform on visible secret-tile cells, so no class changes; tried and removed: QR 67.3% / 62.5%,
+key-image mask 9.0% flipped; stopped after usurp0), sideclean1800 (session 7, SIDE=1 with each key-blended
+slice's classes taken from the original on the slice before blending, the anatomy without the key's texture;
+tried and removed: QR 64.4% / 82.2%, key-image mask 5.6% flipped; stopped after wrong2), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
@@ -34,7 +41,8 @@ default since: PASS); on two threads from a clean clone: demo_2threads_1500 (hal
 demo_2threads_1500_noaug (none: FAIL) and demo_final_2200 (half, 2200 steps, the demo's default: PASS);
 session 6, two threads alone: demo_2200_stages (PASS, 298 s, with the time of each stage) and demo_2000
 (2000 steps: FAIL, 93.3% on both inputs); demo_clean_clone_session6 (`./run demo` from a clean clone: PASS,
-302 s after a 41 s set-up).
+302 s after a 41 s set-up); session 7, after training moved to channels_last on the CPU: demo_channels_last
+(PASS, 248 s: embedding 207 s).
 """
 import os, sys, time, warnings
 from pathlib import Path
