@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=int, help="LIME samples per trigger image (default: the key's, 1000, raised "
                    "so that a verification makes at least 4000 queries: 4000 on the key image alone)")
     v.add_argument("--seed", type=int, help="LIME sampling seed (default: the key's)")
+    v.add_argument("--null-keys", type=int, default=0, metavar="K",
+                   help="also verify with K >= 2 random keys (the key's payload and settings, fresh textures) and "
+                        "report the key's agreement against theirs: z score and rank p-value, report.json "
+                        "'null_keys' (default 0: none; each costs one more verification)")
     v.add_argument("--strength", type=float, help="blend strength of the key (default: the key's)")
     v.add_argument("--batch-size", type=int, default=64, help="queries per forward pass (default 64)")
     v.add_argument("--out", required=True, help="folder for report.json, report.html, qr.png (and lime_map.nii.gz)")
@@ -222,6 +226,8 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
         if getattr(args, "keep_trigger_masks", False):
             raise InputError("--keep-trigger-masks is for --method stealthmark; the baselines train their own "
                              "trigger targets")
+        if getattr(args, "null_keys", 0):
+            raise InputError("--null-keys is for --method stealthmark")
         from .baselines import run_from_args
 
         return run_from_args(args, progress, label=_label(args.label) if args.command == "embed" else None,
@@ -269,15 +275,20 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
         v = wf.run_verify(model, args.key, args.out, image=args.image, volume=args.volume, dicom=args.dicom,
                           slices=args.slices, n_slices=args.n_slices, samples=args.samples, seed=args.seed,
                           strength=args.strength, device=args.device, logits=args.logits,
-                          batch_size=args.batch_size, image_size=image_size, spec=args.spec, progress=progress)
+                          batch_size=args.batch_size, image_size=image_size, spec=args.spec,
+                          null_keys=args.null_keys, progress=progress)
         r = v.report
         files = {"report_json": str(Path(args.out) / "report.json"), "report_html": str(Path(args.out) / "report.html"),
                  "qr": str(Path(args.out) / "qr.png")}
         if args.volume or args.dicom:
             files["lime_map"] = str(Path(args.out) / "lime_map.nii.gz")
         brief = {k: v for k, v in r.to_json().items() if k not in ("attribution", "observed_modules")}
+        nk = r.null_keys
+        against = (f"\nagainst {nk['n_keys']} random keys (agreement {nk['mean']:.1%} +/- {nk['sd']:.1%}): "
+                   f"z {nk['z']:.1f}, p (normal) {nk['p_value_normal']:.3g}, rank p {nk['p_value_rank']:.3g} "
+                   f"({nk['n_queries']} more queries, {nk['seconds']:.1f} s)" if nk else "")
         return ({**brief, "files": files},
-                f"{r.summary}\ndevice {r.device}; {r.n_queries} queries in {r.seconds['total']:.1f} s; "
+                f"{r.summary}{against}\ndevice {r.device}; {r.n_queries} queries in {r.seconds['total']:.1f} s; "
                 f"report in {args.out}", 0)
     if args.command == "evaluate":
         h = wf.run_evaluate(args.model, args.reference, args.data, args.key, args.out, labels=args.labels,

@@ -64,6 +64,7 @@ def render_html(v: Verification) -> str:
                                   f"99.9% band for an unrelated model: {lo:.1%} to {hi:.1%})"),
         ("Bit errors", str(r.bit_errors)),
         ("p-value (one-sided binomial vs 0.5)", f"{r.p_value:.3g}"),
+        *([("Against random keys", _null_keys_text(r.null_keys))] if r.null_keys else []),
         ("Trigger images", f"{r.n_trigger_images} ({r.trigger_mode})" + (f", slices {r.slices}" if r.slices else "")),
         ("LIME samples per image / queries", f"{r.lime_samples} / {r.n_queries}"),
         ("Time (total / queries / regression / decode)",
@@ -101,9 +102,25 @@ uncertainty depends on which cells were visible. Cells that raise uncertainty ar
 <li>The <b>p-value</b> is the chance that a model which never saw the key agrees on at least this many
 modules if each agreed with probability 0.5. The verdict is <i>owned</i> only when the QR decodes to the key's
 payload and p &le; {ALPHA_OWNED:g}; <i>not-owned</i> when it does not decode and p &gt; {ALPHA_NULL:g}.</li>
-<li>The key commitment identifies the key without revealing it: compare it with the one the owner registered.</li>
+{_NULL_KEYS_HELP if r.null_keys else ""}<li>The key commitment identifies the key without revealing it: compare it with the one the owner registered.</li>
 </ul></body></html>
 """
+
+
+_NULL_KEYS_HELP = """<li><b>Against random keys</b>: the same model was verified the same way with random keys (this
+key's payload and settings, other textures). The binomial p-value treats the modules as independent; on a
+watermarked model they are not for a foreign key (all its dark cells carry one tile, and the model answers
+each foreign tile in its own way), so a key the model never saw should agree about as well as these random keys.
+The z score sets this key's agreement against theirs (with at least the binomial spread); the rank p-value,
+(1 + random keys at or above it) / (random keys + 1), holds whatever their distribution, for a key fixed
+(and its commitment registered) before the model was made.</li>
+"""
+
+
+def _null_keys_text(nk: dict) -> str:
+    return (f"{nk['n_keys']} random keys: agreement {nk['mean']:.1%} +/- {nk['sd']:.1%} "
+            f"(highest {max(nk['agreements']):.1%}); this key z = {nk['z']:.1f}, p (normal) "
+            f"{nk['p_value_normal']:.3g}, rank p-value {nk['p_value_rank']:.3g}")
 
 
 def write_reports(v: Verification, out_dir: str | Path) -> dict[str, Path]:

@@ -11,6 +11,7 @@ the key's modules on the data and error-correction modules only, with a one-side
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,8 @@ class VerificationReport:
     # soft-decision decoding: how many of the least certain data modules were flipped to get the decode
     # (0: decoded as thresholded; None: nothing decoded). The agreement and p-value never count the flips.
     decode_flips: int | None = None
+    # the same verification with random keys (``verify --null-keys K``; see :func:`null_key_calibration`)
+    null_keys: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -257,3 +260,61 @@ def verify_query(query: Callable, key: WatermarkKey, trigger_images: np.ndarray,
     )
     return Verification(report, attributions, agg, observed)
 
+
+#: what the report says the null keys are (their texture seeds are drawn afresh and never recorded)
+NULL_KEYS_NOTE = ("random keys with the claimed key's payload, QR and settings and a fresh texture seed each "
+                  "(not recorded), verified the same way on the same model")
+
+
+def null_key(key: WatermarkKey, rng: np.random.Generator) -> WatermarkKey:
+    """The claimed key with another texture seed: the same QR layout and settings, other tiles."""
+    from dataclasses import replace
+
+    return key.replace(texture=replace(key.texture, seed=int(rng.integers(1, 2**62))))
+
+
+def null_key_calibration(query: Callable, key: WatermarkKey, observed_agreement: float,
+                         trigger_images_for: Callable[[WatermarkKey], np.ndarray], n_keys: int, *,
+                         rng: np.random.Generator | None = None, progress: Progress | None = None,
+                         **verify_kwargs: Any) -> dict[str, Any]:
+    """Verify the same model with ``n_keys`` random keys (see :func:`null_key`) and set the claimed key's
+    agreement against theirs.
+
+    The binomial p-value treats the data modules as independent coin flips. On a watermarked model they are
+    not, for a key that is not its own: all dark cells of a key carry one tile, and the model answers each
+    tile it was not trained on with a small systematic change of its own, so the modules move together
+    (benchmarks/tile_response.py). A key the model never saw is, before it is used, one random key among
+    many; so its agreement should look like theirs. Returns the null keys' agreements, their mean and
+    standard deviation, the claimed key's z score against them (the standard deviation used is at least
+    the binomial one, 0.5 / sqrt(n), so this is never bolder than the binomial test), its one-sided normal
+    p-value, and the rank p-value (1 + #{null keys at or above the claimed agreement}) / (n_keys + 1),
+    exact for a key chosen before it was used, whatever the distribution (so never below 1 / (n_keys + 1)).
+    """
+    if isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < 2:
+        raise InputError(f"--null-keys must be 0 (none) or at least 2, not {n_keys!r}")
+    rng = rng if rng is not None else np.random.default_rng()
+    progress = progress or Progress()
+    agreements, n_data, n_queries, t0 = [], None, 0, time.monotonic()
+    for i in range(n_keys):
+        k = null_key(key, rng)
+        progress.log(f"null key {i + 1} of {n_keys}")
+        r = verify_query(query, k, trigger_images_for(k), progress=progress, **verify_kwargs).report
+        agreements.append(r.data_module_agreement)
+        n_data, n_queries = r.n_data_modules, n_queries + r.n_queries
+    a = np.asarray(agreements, dtype=float)
+    mean, sd = float(a.mean()), float(a.std(ddof=1))
+    sd_used = max(sd, 0.5 / math.sqrt(n_data))
+    z = (float(observed_agreement) - mean) / sd_used
+    return {
+        "n_keys": n_keys,
+        "agreements": [round(float(x), 4) for x in a],
+        "mean": round(mean, 4),
+        "sd": round(sd, 4),
+        "sd_used": round(sd_used, 4),
+        "z": round(z, 3),
+        "p_value_normal": 0.5 * math.erfc(z / math.sqrt(2.0)),
+        "p_value_rank": (1 + int((a >= float(observed_agreement)).sum())) / (n_keys + 1),
+        "n_queries": n_queries,
+        "seconds": round(time.monotonic() - t0, 3),
+        "keys": NULL_KEYS_NOTE,
+    }

@@ -29,7 +29,7 @@ from .onnx_model import VERIFY_ONLY, is_onnx
 from .progress import Progress
 from .report import write_reports
 from .trigger import TriggerOverlay
-from .verify import Verification, verify_query
+from .verify import Verification, null_key_calibration, verify_query
 from .volume import (Intensity, Volume, extract_slices, insert_slices, parse_slice_spec, read_volume,
                      resize_slices, write_volume_like)
 
@@ -329,8 +329,11 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
                slices: str | None = None, n_slices: int = 4, samples: int | None = None, seed: int | None = None,
                strength: float | None = None, device: str = "auto", logits: bool = False, batch_size: int = 64,
                image_size: tuple[int, int] | None = None, spec: str | Path | None = None,
-               progress: Progress | None = None) -> Verification:
+               null_keys: int = 0, progress: Progress | None = None) -> Verification:
     """Verify a model through its query interface; write report.json, report.html, qr.png (+ lime_map).
+
+    ``null_keys`` K >= 2 also verifies the model, the same way, with K random keys and records the claimed
+    key's agreement against theirs in the report (``null_keys``; :func:`verify.null_key_calibration`).
 
     ``model_path`` is a model file (``spec``: its JSON spec, as for :func:`load_model`), or an opened
     :class:`SegmentationModel` (then ``device``, ``logits`` and ``batch_size`` as a chunk size are its own;
@@ -344,20 +347,29 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
     out_dir = Path(out_dir)
     given_model = isinstance(model_path, SegmentationModel)  # e.g. a remote.RemoteModel (an endpoint)
     refuse_overwriting_inputs(out_dir, [None if given_model else model_path, key_path, spec, *given])
+    if null_keys and (isinstance(null_keys, bool) or not isinstance(null_keys, int) or null_keys < 2):
+        raise InputError(f"--null-keys must be 0 (none) or at least 2, not {null_keys!r}")
     key = load_key(key_path)
     model = model_path if given_model else load_model(model_path, spec=spec, device=device, logits=logits,
                                                         max_batch=batch_size)
-    if model.spatial_dims == 3:
-        trig = slab_trigger_input(model, key, volume if volume is not None else dicom, image, slices,
-                                  strength, image_size)
-    else:
-        trig = _trigger_input(model, key, image, volume, dicom, slices, n_slices, strength, image_size)
+
+    def trigger_for(k: WatermarkKey) -> TriggerInput:
+        if model.spatial_dims == 3:
+            return slab_trigger_input(model, k, volume if volume is not None else dicom, image, slices,
+                                      strength, image_size)
+        return _trigger_input(model, k, image, volume, dicom, slices, n_slices, strength, image_size)
+
+    trig = trigger_for(key)
     dev = model.device_description
     progress.log(f"verifying on {len(trig.images)} trigger {'slab' if model.spatial_dims == 3 else 'image'}(s), "
                  f"device {dev}")
-    v = verify_query(model, key, trig.images, samples=samples, seed=seed, in_channels=model.in_channels,
-                     batch_size=batch_size, device=model.device, device_name=dev, model_sha256=model.sha256,
-                     progress=progress, spatial_dims=model.spatial_dims)
+    how = dict(samples=samples, seed=seed, in_channels=model.in_channels, batch_size=batch_size,
+               device=model.device, device_name=dev, model_sha256=model.sha256, spatial_dims=model.spatial_dims)
+    v = verify_query(model, key, trig.images, progress=progress, **how)
+    if null_keys:
+        v.report.null_keys = null_key_calibration(model, key, v.report.data_module_agreement,
+                                                  lambda k: trigger_for(k).images, null_keys, progress=progress,
+                                                  **how)
     v.report.slices = trig.slices or None
     v.report.source = trig.source
     v.report.model = model.source if given_model else str(model_path)

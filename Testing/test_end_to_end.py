@@ -121,6 +121,29 @@ def test_keep_trigger_masks_is_refused_for_a_baseline(world, capsys):
     assert rc == 2 and "--keep-trigger-masks is for --method stealthmark" in msg and not out.exists()
 
 
+def test_null_keys_set_the_agreement_against_random_keys(world, capsys):
+    """verify --null-keys K: the same verification with K random keys (fresh textures, never recorded), and
+    the key's agreement against theirs; the watermarked model answers its own key far above them."""
+    import math
+
+    out = world["tmp"] / "v_null"
+    r = verify(world, world["wm"], out, "--null-keys", 3)
+    nk = r["null_keys"]
+    assert nk["n_keys"] == 3 and len(nk["agreements"]) == 3 and all(0.0 <= a <= 1.0 for a in nk["agreements"])
+    assert nk["sd_used"] >= max(nk["sd"], 0.5 / math.sqrt(r["n_data_modules"])) - 1e-4
+    assert nk["z"] == pytest.approx((r["data_module_agreement"] - nk["mean"]) / nk["sd_used"], abs=0.02)
+    assert 0.0 < nk["p_value_normal"] < 1.0 and nk["p_value_rank"] in (0.25, 0.5, 0.75, 1.0)
+    assert r["verdict"] == "owned" and nk["z"] > 3 and nk["p_value_rank"] == 0.25
+    assert max(nk["agreements"]) < r["data_module_agreement"]
+    assert "Against random keys" in (out / "report.html").read_text()
+    assert str(load_key(world["key"]).texture.seed) not in (out / "report.json").read_text()
+    for bad in (["--null-keys", "1"], ["--null-keys", "2", "--method", "badnets"]):
+        where = world["tmp"] / f"v_null_bad{bad[1]}"
+        rc, msg = err(capsys, "verify", "--model", world["wm"], "--key", world["key"], "--out", where,
+                      "--samples", "50", *bad)
+        assert rc == 2 and "--null-keys" in msg and not where.exists(), msg
+
+
 def test_watermarked_model_is_owned_on_the_key_image(world):
     # the default sample count: one trigger image gets 4000 LIME samples (with 1000, sampling noise alone
     # cost the decode in some runs)
