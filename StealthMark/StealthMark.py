@@ -544,6 +544,7 @@ class StealthMarkParameters:
     verifySlices = _Parameter(str, "")
     verifySamples = _Parameter(int, 0)       # 0: the key's setting
     verifySeed = _Parameter(int, -1)         # -1: the key's setting
+    verifyNullKeys = _Parameter(int, 0)      # random keys to set the key against (0: none)
     verifyDevice = _Parameter(str, "auto")
     verifyOutputDir = _Parameter(str, "")
     verifyAttribution = _NodeParameter()     # the last attribution map made
@@ -680,6 +681,7 @@ PARAMETER_WIDGETS = (
     ("verifySlices", "verifySlicesLineEdit", "text"),
     ("verifySamples", "verifySamplesSpinBox", "int"),
     ("verifySeed", "verifySeedSpinBox", "int"),
+    ("verifyNullKeys", "verifyNullKeysSpinBox", "int"),
     ("verifyDevice", "verifyDeviceComboBox", "device"),
     ("verifyOutputDir", "verifyOutputDirLineEdit", "path"),
     ("embedVolume", "embedVolumeSelector", "node"),
@@ -696,6 +698,15 @@ _SIGNALS = {"node": "currentNodeChanged(vtkMRMLNode*)", "path": "currentPathChan
             "text": "textChanged(QString)", "int": "valueChanged(int)", "bool": "toggled(bool)",
             "device": "currentIndexChanged(int)"}
 _VERDICT_COLOURS = {"owned": "#1a7f37", "not-owned": "#555555", "inconclusive": "#b35900"}
+
+
+def nullKeysText(nullKeys: dict | None) -> str:
+    """One line for the Verify panel from report.json's ``null_keys`` ("" when the run had none)."""
+    if not nullKeys:
+        return ""
+    return (f"z {float(nullKeys['z']):.1f}, rank p {float(nullKeys['p_value_rank']):.3g} against "
+            f"{int(nullKeys['n_keys'])} random keys ({100.0 * float(nullKeys['mean']):.1f}% "
+            f"+/- {100.0 * float(nullKeys['sd']):.1f}%)")
 
 
 class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -985,14 +996,15 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slices=p.verifySlices.strip() or None,
                 samples=p.verifySamples if p.verifySamples > 0 else None,
                 seed=p.verifySeed if p.verifySeed >= 0 else None,
-                device=p.verifyDevice, progressCallback=self._onEvent)
+                device=p.verifyDevice, progressCallback=self._onEvent, nullKeys=p.verifyNullKeys)
         except Exception as exc:
             self._showError("Cannot start the verification", exc)
             return
         self._startJob(job, self.ui.verifyApplyButton, self._verifyDone, retry=("verifyDevice", self.onVerifyApply))
 
     def _clearVerifyResults(self):
-        for name in ("verdictLabel", "payloadLabel", "agreementLabel", "pValueLabel", "reportLinkLabel"):
+        for name in ("verdictLabel", "payloadLabel", "agreementLabel", "pValueLabel", "nullKeysLabel",
+                     "reportLinkLabel"):
             getattr(self.ui, name).setText("")
         self.ui.qrImageLabel.clear()
 
@@ -1016,6 +1028,7 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        f"{100.0 * float(agreement):.1f}% ({errors} of {modules} data modules wrong)")
         pValue = report.get("p_value")
         self.ui.pValueLabel.setText("" if pValue is None else f"{float(pValue):.3g}")
+        self.ui.nullKeysLabel.setText(nullKeysText(report.get("null_keys")))
         qrPath = Path(outDir) / "qr.png"
         if qrPath.is_file():
             pixmap = qt.QPixmap(str(qrPath))
@@ -1292,8 +1305,10 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
     # -- verify -----------------------------------------------------------------------------------
     def startVerify(self, volumeNode, modelPath: str, keyPath: str, outDir: str, slices: str | None = None,
                     samples: int | None = None, seed: int | None = None, device: str = "auto",
-                    progressCallback: Callable[[dict], None] | None = None) -> StealthMarkJob:
+                    progressCallback: Callable[[dict], None] | None = None, nullKeys: int = 0) -> StealthMarkJob:
         _checkVolumeNode(volumeNode, "input volume")
+        if isinstance(nullKeys, bool) or not isinstance(nullKeys, int) or nullKeys == 1 or nullKeys < 0:
+            raise ValueError(f"random keys: 0 (none) or at least 2, not {nullKeys!r}")
         _checkFile(modelPath, "model file")
         _checkFile(keyPath, "key file")
         if not outDir:
@@ -1315,6 +1330,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
             args.append(f"--samples={int(samples)}")
         if seed is not None:
             args.append(f"--seed={int(seed)}")
+        if nullKeys:
+            args.append(f"--null-keys={nullKeys}")
         nodeName = f"{volumeNode.GetName()} StealthMark attribution"
 
         def finish(result: RunResult):
@@ -1338,8 +1355,11 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
 
     def verifyVolumeNode(self, volumeNode, modelPath: str, keyPath: str, outDir: str, slices: str | None = None,
                          samples: int | None = None, seed: int | None = None, device: str = "auto",
-                         progressCallback: Callable[[dict], None] | None = None):
+                         progressCallback: Callable[[dict], None] | None = None, nullKeys: int = 0):
         """Verify ``modelPath`` against ``keyPath`` on the slices of ``volumeNode``.
+
+        ``nullKeys`` K >= 2 also verifies with K random keys; the report's ``null_keys`` then sets the key's
+        agreement against theirs (``stealthmark verify --null-keys``).
 
         Returns ``(report, attributionNode)``: the report as a dict (``verdict``, ``payload_decoded``,
         ``payload_match``, ``data_module_agreement``, ``p_value``, ...) and a new vtkMRMLScalarVolumeNode
@@ -1347,7 +1367,7 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         report.json, report.html, qr.png and lime_map.nii.gz are saved in ``outDir``.
         """
         return self.startVerify(volumeNode, modelPath, keyPath, outDir, slices, samples, seed, device,
-                                progressCallback).wait()
+                                progressCallback, nullKeys).wait()
 
     # -- embed ------------------------------------------------------------------------------------
     def startEmbed(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,

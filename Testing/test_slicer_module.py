@@ -420,7 +420,7 @@ def test_parameter_node_survives_scene_save_and_load(sm, scene, sample_files, tm
     p = logic.getParameterNode()
     assert logic.getParameterNode() == p  # a singleton
     values = dict(verifyVolume=dicom, verifyModelPath="/models/vendor model (v2).pt", verifyKeyPath="/keys/k.json",
-                  verifySlices="10:40:2", verifySamples=750, verifySeed=12, verifyDevice="cpu",
+                  verifySlices="10:40:2", verifySamples=750, verifySeed=12, verifyNullKeys=7, verifyDevice="cpu",
                   verifyOutputDir="/reports/é", embedVolume=volume, embedLabels=labels, embedSegment="5",
                   embedModelPath="/m/clean.ts", embedKeyPath="/k/new.json", embedPayload="SM:ACME 0001",
                   embedOutputPath="/m/wm.ts", embedSteps=450, embedKeepMasks=True, embedDevice="cuda")
@@ -725,6 +725,8 @@ def test_inputs_are_checked_before_anything_runs(sm, scene, sample_files, tmp_pa
         logic.startVerify(labels, str(model), str(model), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="device"):
         logic.startVerify(volume, str(model), str(model), str(tmp_path / "out"), device="tpu")
+    with pytest.raises(ValueError, match="random keys: 0 .none. or at least 2"):
+        logic.startVerify(volume, str(model), str(model), str(tmp_path / "out"), nullKeys=1)
     with pytest.raises(ValueError, match="overwrite an input"):
         logic.startEmbed(volume, labels, None, str(model), str(model), str(model))
     with pytest.raises(ValueError, match="payload is empty"):
@@ -811,7 +813,9 @@ def test_widget_builds_from_the_ui_and_keeps_the_parameter_node_in_step(sm, scen
     ui.verifySamplesSpinBox.setValue(500)
     ui.verifyDeviceComboBox.setCurrentIndex(ui.verifyDeviceComboBox.findText("cpu"))
     ui.verifySlicesLineEdit.setText("20:30")
+    ui.verifyNullKeysSpinBox.setValue(9)
     assert (p.verifyModelPath, p.verifySamples, p.verifyDevice, p.verifySlices) == ("/m/model.pt", 500, "cpu", "20:30")
+    assert p.verifyNullKeys == 9
     assert ui.verifyApplyButton.enabled
 
     # parameter node -> GUI
@@ -1017,13 +1021,16 @@ def test_widget_verify_shows_the_result_and_apply_turns_into_cancel(sm, scene, d
     assert ui.verifyApplyButton.text == "Verify" and "cancelled" in ui.statusLabel.text
     assert not (tmp_path / "report").exists() and p.verifyAttribution is None and dialogs.errors == []
 
-    # second run: to the end
-    p.verifySamples = 0
+    # second run: to the end, with two random keys to set the key against
+    p.verifySamples, p.verifyNullKeys = 0, 2
     ui.verifyApplyButton.click()
     slicer_stubs.run_timers(lambda: w._job is None)
     assert dialogs.errors == [], dialogs.errors
     assert "owned" in ui.verdictLabel.text and PAYLOAD in ui.payloadLabel.text
     assert ui.pValueLabel.text and "%" in ui.agreementLabel.text
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["null_keys"]["n_keys"] == 2 and len(report["null_keys"]["agreements"]) == 2
+    assert ui.nullKeysLabel.text == sm.nullKeysText(report["null_keys"]) and "2 random keys" in ui.nullKeysLabel.text
     assert ui.qrImageLabel.pixmap() is not None and not ui.qrImageLabel.pixmap().isNull()
     assert "report.html" in ui.reportLinkLabel.text
     assert p.verifyAttribution is not None and p.verifyAttribution.GetScene() is scene
@@ -1081,7 +1088,7 @@ def test_widget_offers_the_cpu_after_a_gpu_out_of_memory_failure(sm, scene, dial
            "'out of GPU memory: lower --batch-size or use --device cpu'})); sys.exit(3)")
 
     def fake_start_verify(volume, model, key, out, slices=None, samples=None, seed=None, device="auto",
-                          progressCallback=None):
+                          progressCallback=None, nullKeys=0):
         devices.append(device)
         code = oom if device != "cpu" else "print('{\"event\": \"result\"}')"
         runner = sm.ProcessRunner([PY, "-c", code], onEvent=progressCallback).start()
