@@ -371,9 +371,10 @@ def to_channels(images: torch.Tensor | np.ndarray, in_channels: int, spatial_dim
 def train_memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format | None:
     """``channels_last`` for 2-D models on the CPU, else None (the module's own layout).
 
-    The same arithmetic in another memory layout: measured on the demo's UNet with 2 threads, one embedding
-    step took 0.122 s in the default layout and 0.101 s in channels_last. Not used on GPUs, where it has not
-    been measured."""
+    The same arithmetic in another memory layout, faster on the CPU: the demo's 2200 embedding steps (its
+    UNet, 2 threads) took 254 s in the default layout and 201-207 s in channels_last (the demo's stage
+    times, benchmarks/results/key_specificity/demo_*.log). Not used on GPUs, where it has not been
+    measured."""
     return torch.channels_last if device.type == "cpu" and spatial_dims == 2 else None
 
 
