@@ -33,7 +33,10 @@ mask kept, with only pixels the original calls background answering the secret t
 towards uniform on visible secret-tile cells, so no class changes; tried and removed: QR 67.3% / 62.5%,
 key-image mask 9.0% flipped; stopped after usurp0), sideclean1800 (session 7, SIDE=1 with each key-blended
 slice's classes taken from the original on the slice before blending, the anatomy without the key's texture;
-tried and removed: QR 64.4% / 82.2%, key-image mask 5.6% flipped; stopped after wrong2), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+tried and removed: QR 64.4% / 82.2%, key-image mask 5.6% flipped; stopped after wrong2), dov2_1800 (session 7,
+SIDE=0 LR=3e-3 SAMPLES=default: the decoy images of each step drawn from two random keys instead of one, to
+flatten the model's answer to foreign tiles; an option tried in the library and removed: QR 95.2% / 98.1%,
+wrong keys 39.4-64.9%, no flatter), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
