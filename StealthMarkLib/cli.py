@@ -283,10 +283,11 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
         if args.volume or args.dicom:
             files["lime_map"] = str(Path(args.out) / "lime_map.nii.gz")
         brief = {k: v for k, v in r.to_json().items() if k not in ("attribution", "observed_modules")}
+        from .report import null_keys_summary
+
         nk = r.null_keys
-        against = (f"\nagainst {nk['n_keys']} random keys (agreement {nk['mean']:.1%} +/- {nk['sd']:.1%}): "
-                   f"z {nk['z']:.1f}, p (normal) {nk['p_value_normal']:.3g}, rank p {nk['p_value_rank']:.3g} "
-                   f"({nk['n_queries']} more queries, {nk['seconds']:.1f} s)" if nk else "")
+        against = (f"\nagainst {null_keys_summary(nk)} ({nk['n_queries']} more queries, {nk['seconds']:.1f} s)"
+                   if nk else "")
         return ({**brief, "files": files},
                 f"{r.summary}{against}\ndevice {r.device}; {r.n_queries} queries in {r.seconds['total']:.1f} s; "
                 f"report in {args.out}", 0)

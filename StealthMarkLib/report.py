@@ -64,7 +64,7 @@ def render_html(v: Verification) -> str:
                                   f"99.9% band for an unrelated model: {lo:.1%} to {hi:.1%})"),
         ("Bit errors", str(r.bit_errors)),
         ("p-value (one-sided binomial vs 0.5)", f"{r.p_value:.3g}"),
-        *([("Against random keys", _null_keys_text(r.null_keys))] if r.null_keys else []),
+        *([("Against random keys", null_keys_summary(r.null_keys))] if r.null_keys else []),
         ("Trigger images", f"{r.n_trigger_images} ({r.trigger_mode})" + (f", slices {r.slices}" if r.slices else "")),
         ("LIME samples per image / queries", f"{r.lime_samples} / {r.n_queries}"),
         ("Time (total / queries / regression / decode)",
@@ -117,7 +117,8 @@ The z score sets this key's agreement against theirs (with at least the binomial
 """
 
 
-def _null_keys_text(nk: dict) -> str:
+def null_keys_summary(nk: dict) -> str:
+    """report.json's ``null_keys`` in one line (the HTML report and the command's summary)."""
     return (f"{nk['n_keys']} random keys: agreement {nk['mean']:.1%} +/- {nk['sd']:.1%} "
             f"(highest {max(nk['agreements']):.1%}); this key z = {nk['z']:.1f}, p (normal) "
             f"{nk['p_value_normal']:.3g}, rank p-value {nk['p_value_rank']:.3g}")

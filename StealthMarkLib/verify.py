@@ -266,6 +266,12 @@ NULL_KEYS_NOTE = ("random keys with the claimed key's payload, QR and settings a
                   "(not recorded), verified the same way on the same model")
 
 
+def check_null_keys(n_keys: Any) -> None:
+    """A count of random keys is 2 or more (one gives no spread)."""
+    if isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < 2:
+        raise InputError(f"--null-keys must be 0 (none) or at least 2, not {n_keys!r}")
+
+
 def null_key(key: WatermarkKey, rng: np.random.Generator) -> WatermarkKey:
     """The claimed key with another texture seed: the same QR layout and settings, other tiles."""
     from dataclasses import replace
@@ -290,8 +296,7 @@ def null_key_calibration(query: Callable, key: WatermarkKey, observed_agreement:
     p-value, and the rank p-value (1 + #{null keys at or above the claimed agreement}) / (n_keys + 1),
     exact for a key chosen before it was used, whatever the distribution (so never below 1 / (n_keys + 1)).
     """
-    if isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < 2:
-        raise InputError(f"--null-keys must be 0 (none) or at least 2, not {n_keys!r}")
+    check_null_keys(n_keys)
     rng = rng if rng is not None else np.random.default_rng()
     progress = progress or Progress()
     agreements, n_data, n_queries, t0 = [], None, 0, time.monotonic()

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .onnx_model import VERIFY_ONLY, is_onnx
 from .progress import Progress
 from .report import write_reports
 from .trigger import TriggerOverlay
-from .verify import Verification, null_key_calibration, verify_query
+from .verify import Verification, check_null_keys, null_key_calibration, verify_query
 from .volume import (Intensity, Volume, extract_slices, insert_slices, parse_slice_spec, read_volume,
                      resize_slices, write_volume_like)
 
@@ -236,6 +236,13 @@ class TriggerInput:
     volume: Volume | None = None
     slices: list[int] = field(default_factory=list)
     source: str | None = None
+    # the same input's trigger images for another key, without reading the input again (verify --null-keys)
+    for_key: Callable[[WatermarkKey], np.ndarray] | None = field(default=None, repr=False)
+
+    @classmethod
+    def made(cls, key: WatermarkKey, make: Callable[[WatermarkKey], np.ndarray], **where: Any) -> "TriggerInput":
+        """``make(key)`` as the images, ``make`` kept for other keys."""
+        return cls(make(key), for_key=make, **where)
 
 
 def auto_slices(volume: Volume, n: int) -> list[int]:
@@ -275,7 +282,8 @@ def volume_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, i
     else:
         idx = parse_slice_spec(slices, vol.shape[0])
     unit = extract_slices(VERIFY_INTENSITY.apply(vol.array), idx)
-    return TriggerInput(_trigger_images(unit, key, size, strength), vol, idx, str(path))
+    return TriggerInput.made(key, lambda k: _trigger_images(unit, k, size, strength), volume=vol, slices=idx,
+                             source=str(path))
 
 
 def read_single_image(path: str | Path, channels: int = 1) -> np.ndarray:
@@ -306,7 +314,7 @@ def image_trigger_input(path: str | Path, key: WatermarkKey, size: tuple[int, in
         unit = channel_intensity(arr, VERIFY_INTENSITY)[None]
     else:
         unit = VERIFY_INTENSITY.apply(arr)
-    return TriggerInput(_trigger_images(unit, key, size, strength), source=str(path))
+    return TriggerInput.made(key, lambda k: _trigger_images(unit, k, size, strength), source=str(path))
 
 
 def lime_volume(verification: Verification, trig: TriggerInput) -> np.ndarray:
@@ -347,19 +355,16 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
     out_dir = Path(out_dir)
     given_model = isinstance(model_path, SegmentationModel)  # e.g. a remote.RemoteModel (an endpoint)
     refuse_overwriting_inputs(out_dir, [None if given_model else model_path, key_path, spec, *given])
-    if null_keys and (isinstance(null_keys, bool) or not isinstance(null_keys, int) or null_keys < 2):
-        raise InputError(f"--null-keys must be 0 (none) or at least 2, not {null_keys!r}")
+    if null_keys:
+        check_null_keys(null_keys)   # before any work
     key = load_key(key_path)
     model = model_path if given_model else load_model(model_path, spec=spec, device=device, logits=logits,
                                                         max_batch=batch_size)
-
-    def trigger_for(k: WatermarkKey) -> TriggerInput:
-        if model.spatial_dims == 3:
-            return slab_trigger_input(model, k, volume if volume is not None else dicom, image, slices,
-                                      strength, image_size)
-        return _trigger_input(model, k, image, volume, dicom, slices, n_slices, strength, image_size)
-
-    trig = trigger_for(key)
+    if model.spatial_dims == 3:
+        trig = slab_trigger_input(model, key, volume if volume is not None else dicom, image, slices,
+                                  strength, image_size)
+    else:
+        trig = _trigger_input(model, key, image, volume, dicom, slices, n_slices, strength, image_size)
     dev = model.device_description
     progress.log(f"verifying on {len(trig.images)} trigger {'slab' if model.spatial_dims == 3 else 'image'}(s), "
                  f"device {dev}")
@@ -367,9 +372,8 @@ def run_verify(model_path: str | Path | SegmentationModel, key_path: str | Path,
                device=model.device, device_name=dev, model_sha256=model.sha256, spatial_dims=model.spatial_dims)
     v = verify_query(model, key, trig.images, progress=progress, **how)
     if null_keys:
-        v.report.null_keys = null_key_calibration(model, key, v.report.data_module_agreement,
-                                                  lambda k: trigger_for(k).images, null_keys, progress=progress,
-                                                  **how)
+        v.report.null_keys = null_key_calibration(model, key, v.report.data_module_agreement, trig.for_key,
+                                                  null_keys, progress=progress, **how)
     v.report.slices = trig.slices or None
     v.report.source = trig.source
     v.report.model = model.source if given_model else str(model_path)
@@ -397,12 +401,12 @@ def slab_trigger_input(model: SegmentationModel, key: WatermarkKey, path: str | 
     check_roi(roi, key)
     d, h, w = roi
     if path is None:
-        return TriggerInput(key_slab(TriggerOverlay(key, h, w), d)[None], source=None)
+        return TriggerInput.made(key, lambda k: key_slab(TriggerOverlay(k, h, w), d)[None])
     vol = read_volume(path)
     idx = slab_slices(vol, d, slices, path)
     unit = extract_slices(VERIFY_INTENSITY.apply(vol.array), idx)
-    images = _trigger_images(unit, key, (h, w), strength).reshape(-1, d, h, w)
-    return TriggerInput(images, vol, idx, str(path))
+    return TriggerInput.made(key, lambda k: _trigger_images(unit, k, (h, w), strength).reshape(-1, d, h, w),
+                             volume=vol, slices=idx, source=str(path))
 
 
 def _trigger_input(model: SegmentationModel, key: WatermarkKey, image: str | Path | None,
@@ -411,11 +415,8 @@ def _trigger_input(model: SegmentationModel, key: WatermarkKey, image: str | Pat
     """Trigger images (n, H, W) for a 2-D model."""
     size = model_size(model, image_size)
     check_fits(size[0], size[1], key.grid)
-    overlay = TriggerOverlay(key, *size)
     if volume is not None or dicom is not None:
-        trig = volume_trigger_input(volume if volume is not None else dicom, key, size, slices, n_slices, strength)
-    elif image is not None:
-        trig = image_trigger_input(image, key, size, strength, channels=model.in_channels)
-    else:
-        trig = TriggerInput(overlay.key_image()[None], source=None)
-    return trig
+        return volume_trigger_input(volume if volume is not None else dicom, key, size, slices, n_slices, strength)
+    if image is not None:
+        return image_trigger_input(image, key, size, strength, channels=model.in_channels)
+    return TriggerInput.made(key, lambda k: TriggerOverlay(k, *size).key_image()[None])

@@ -137,6 +137,11 @@ def test_null_keys_set_the_agreement_against_random_keys(world, capsys):
     assert max(nk["agreements"]) < r["data_module_agreement"]
     assert "Against random keys" in (out / "report.html").read_text()
     assert str(load_key(world["key"]).texture.seed) not in (out / "report.json").read_text()
+    # on a volume, the random keys are blended into the same slices of the volume read once
+    on_volume = verify(world, world["wm"], world["tmp"] / "v_null_volume", "--volume", world["t1"], "--null-keys", 2)
+    assert on_volume["null_keys"]["n_keys"] == 2 and len(on_volume["null_keys"]["agreements"]) == 2
+    assert on_volume["null_keys"]["n_queries"] == 2 * on_volume["n_queries"]
+    assert (world["tmp"] / "v_null_volume" / "lime_map.nii.gz").is_file()
     for bad in (["--null-keys", "1"], ["--null-keys", "2", "--method", "badnets"]):
         where = world["tmp"] / f"v_null_bad{bad[1]}"
         rc, msg = err(capsys, "verify", "--model", world["wm"], "--key", world["key"], "--out", where,
