@@ -1,7 +1,10 @@
 """Ready-made :class:`~StealthMarkLib.models.ModelSpec` s for the supported 2-D architectures.
 
-Two sizes per architecture: ``"tiny"`` (the smallest that runs: tests and ``benchmarks/models.py --smoke``)
-and ``"standard"`` (the configuration ``benchmarks/models.py`` documents its figures for). Any spec naming
+Three sizes per architecture: ``"tiny"`` (the smallest that runs: tests and ``benchmarks/models.py --smoke``),
+``"small"`` (the transformers cut down until embedding fits a 2-core CPU: about 0.5-1.5 s a training step of
+20 images at 128 px, against 5-13 s for their ``standard`` sizes; the convolutional networks' ``small`` is
+their ``standard``) and ``"standard"`` (the paper's sizes, the configuration ``benchmarks/models.py``
+documents its figures for by default). Any spec naming
 one of :data:`~StealthMarkLib.models.NETWORKS` works the same; these are starting points.
 """
 
@@ -11,11 +14,11 @@ from .errors import InputError
 from .models import NETWORKS, ModelSpec
 
 ARCHITECTURES = ("UNet", "BasicUNet", "SegResNet", "SwinUNETR", "UNETR", "SamViT")
-SIZES = ("tiny", "standard")
+SIZES = ("tiny", "small", "standard")
 
 
 def _args(arch: str, size: str, image_size: int) -> dict:
-    tiny = size == "tiny"
+    tiny, small = size == "tiny", size == "small"
     if arch == "UNet":
         ch = [4, 8, 16] if tiny else [8, 16, 32, 64]
         return {"spatial_dims": 2, "channels": ch, "strides": [2] * (len(ch) - 1),
@@ -31,15 +34,25 @@ def _args(arch: str, size: str, image_size: int) -> dict:
         if tiny:
             return {"spatial_dims": 2, "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
                     "window_size": 4}
+        if small:  # feature_size 12, one block a stage, window 4: 1.4M parameters, 1.4 s a step
+            return {"spatial_dims": 2, "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 6, 12, 24],
+                    "window_size": 4}
         return {"spatial_dims": 2, "feature_size": 24, "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24],
                 "window_size": 7}
     if arch == "UNETR":
         if tiny:
             return {"spatial_dims": 2, "img_size": [image_size, image_size], "feature_size": 8,
                     "hidden_size": 48, "mlp_dim": 96, "num_heads": 2}
+        if small:  # a ViT-Ti-sized encoder (hidden 192, 3 heads, 12 layers): 5.7M parameters, 1.4 s a step
+            return {"spatial_dims": 2, "img_size": [image_size, image_size], "feature_size": 8,
+                    "hidden_size": 192, "mlp_dim": 768, "num_heads": 3}
         return {"spatial_dims": 2, "img_size": [image_size, image_size], "feature_size": 16,
                 "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
     if arch == "SamViT":
+        if small:  # embed 192, depth 6, 3 heads, window 4, global attention in blocks 2 and 5: 2.8M, 0.6 s a step
+            return {"spatial_dims": 2, "img_size": [image_size, image_size], "config": "tiny", "embed_dim": 192,
+                    "depth": 6, "num_heads": 3, "window_size": 4, "global_attn_indexes": [2, 5],
+                    "neck_channels": 64, "decoder_channels": [64, 32, 16, 16]}
         return {"spatial_dims": 2, "img_size": [image_size, image_size], "config": "tiny" if tiny else "sam_vit_b"}
     raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 

@@ -59,6 +59,25 @@ def test_architecture_round_trips(arch, tmp_path):
     assert torch.allclose(again.probabilities(x), p, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["SwinUNETR", "UNETR", "SamViT"])
+def test_small_sizes_sit_between_tiny_and_standard(arch):
+    # the CPU-sized configurations benchmarks/models.py --size small measures: they build at 128 px, answer
+    # with probabilities, and are smaller than the paper's sizes and larger than the test sizes
+    sizes = {}
+    for size in ("tiny", "small", "standard"):
+        spec = architecture_spec(arch, size, 128)
+        sizes[size] = sum(p.numel() for p in build_network(spec).parameters())
+    assert sizes["tiny"] < sizes["small"] < sizes["standard"] / 1.1
+    torch.manual_seed(0)
+    spec = architecture_spec(arch, "small", 128)
+    model = SegmentationModel(build_network(spec).eval(), spec, device="cpu")
+    p = model.probabilities(torch.rand(1, 1, 128, 128))
+    assert p.shape == (1, 2, 128, 128) and torch.allclose(p.sum(1), torch.ones(1, 128, 128), atol=1e-5)
+    assert architecture_spec("UNet", "small", 128).args == architecture_spec("UNet", "standard", 128).args
+    with pytest.raises(InputError, match="unknown size 'huge'"):
+        architecture_spec(arch, "huge", 128)
+
+
 def test_samvit_follows_timm_names_and_vit_b_size():
     b = SamViT(in_channels=3, out_channels=2, img_size=1024, config="sam_vit_b")
     names = set(b.state_dict())
@@ -283,6 +302,12 @@ def test_models_benchmark_smoke(tmp_path, capsys):
     assert [r["arch"] for r in records] == ["UNet", "SamViT"]
     assert [r["settings"]["embed_steps"] for r in records] == [4, 3]
     assert doc["settings"]["per_record"] == ["embed_steps"] and "embed_steps" not in doc["settings"]
+    # records are kept per (architecture, size): a UNet record of another size stays beside a new UNet run
+    doc["records"][0]["size"] = "small"
+    out.write_text(json.dumps(doc))
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge"]) == 0
+    assert [(r["arch"], r["size"]) for r in json.loads(out.read_text())["records"]] == [
+        ("UNet", "tiny"), ("UNet", "small"), ("SamViT", "tiny")]
     assert bench.main(["--smoke", "--archs", "UNet", "--out", str(tmp_path / "bad.json"), "--embed-steps", "0"]) == 2
     assert "--embed-steps must be at least 1" in capsys.readouterr().err
     for r in records:

@@ -7,7 +7,8 @@ Prints one line per verification: agreement, '*' when the QR decoded.
     python benchmarks/key_specificity.py TAG THREADS STEPS KEYSEED
     env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
     batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), AUG (fraction of
-    the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), SIZE / CH / TILE (input size, UNet
+    the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), BASE (the key's
+    neutral grey, TextureCode.base, default 0.5), SIZE / CH / TILE (input size, UNet
     channels, secret tile px; default 128 / 8,16,32,64 / 4), SAVE (write the watermarked model there), SAMPLES (LIME samples per image, default 1000; "default": the verifier's, 4000 on the key image alone)
 
 The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
@@ -79,8 +80,9 @@ if not cp.exists():
 clean = load_model(cp)
 D = int(os.environ.get("DECOYS", "8"))
 T = int(os.environ.get("TILE", "4"))
+BASE = {"base": float(os.environ["BASE"])} if "BASE" in os.environ else {}
 def make_key(payload, seed):
-    return create_key(payload, seed=seed, decoys=D, tile=T)
+    return create_key(payload, seed=seed, decoys=D, tile=T, **BASE)
 
 
 key = make_key("SM:BENCH-0001", keyseed)

@@ -15,8 +15,10 @@ says otherwise; each record's ``settings`` name the steps it was measured with) 
 default tile (4 px at 128 px); clean models train 300 steps with batch 8; verification uses the
 verifier's default sample counts.
 
-Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--trials 10] [--embed-steps N] [--out FILE]
-       [--merge] [--threads N] [--smoke]
+Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--size standard|small] [--trials 10]
+       [--embed-steps N] [--out FILE] [--merge] [--threads N] [--smoke]
+(``--size small``: the transformers' CPU-sized configurations of architectures.py; each record names its
+``size`` and ``network_args``.)
 (``--smoke``: tiny networks at 64 px and a few steps, for the test suite; its figures mean nothing.)
 ``--merge`` keeps the records of the architectures not run now from an existing ``--out`` file (each record
 names its own device), so that CPU and GPU runs can fill one file. The file is rewritten (atomically) after
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
-from StealthMarkLib.architectures import ARCHITECTURES, architecture_spec  # noqa: E402
+from StealthMarkLib.architectures import ARCHITECTURES, SIZES, architecture_spec  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
 from StealthMarkLib.embed import EmbedConfig  # noqa: E402
 from StealthMarkLib.errors import StealthMarkError  # noqa: E402
@@ -100,7 +102,7 @@ def bench_arch(arch: str, s: dict, ds, key, key_path: Path, tmp: Path, device: s
                        "agreement": round(r.data_module_agreement, 4), "p_value": r.p_value,
                        "seconds": r.seconds["total"]})
     h = emb.harmlessness
-    return {"arch": arch, "params": int(params), "image_size": [size, size],
+    return {"arch": arch, "size": s["size"], "params": int(params), "image_size": [size, size],
             "asr": float(np.mean([t["decoded"] == key.payload for t in trials])),
             "dice_drop_points": h["dice_drop_points"], "dice_original": h["original"]["dice"],
             "flip_rate_clean": h["flip_rate_clean"], "embed_seconds": emb.log["seconds"],
@@ -111,6 +113,8 @@ def bench_arch(arch: str, s: dict, ds, key, key_path: Path, tmp: Path, device: s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", help=f"comma-separated subset of {','.join(ARCHITECTURES)} (default all)")
+    ap.add_argument("--size", choices=[z for z in SIZES if z != "tiny"],
+                    help="architecture size (default standard; small: the transformers cut down for a CPU)")
     ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
     ap.add_argument("--embed-steps", type=int,
                     help=f"embedding steps (default the library's, {DEFAULT_EMBED_STEPS}); each record keeps its settings")
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         archs = parse_archs(a.archs)
         s = dict(SMOKE if a.smoke else FULL)
+        if a.size and not a.smoke:
+            s["size"] = a.size
         if a.trials is not None:
             if a.trials < 1:
                 raise StealthMarkError("--trials must be at least 1")
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise StealthMarkError("--embed-steps must be at least 1")
             s["embed_steps"] = a.embed_steps
         dev = resolve_device(a.device)
-        kept = _kept_records(Path(a.out), archs) if a.merge else []
+        kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs]) if a.merge else []
     except StealthMarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: rec[k] for k in ("arch", "params", "asr", "dice_drop_points", "embed_seconds",
                                               "device")}), flush=True)
         order = {name: i for i, name in enumerate(ARCHITECTURES)}
-        merged = sorted(kept + records, key=lambda r: order.get(r["arch"], len(order)))
+        merged = sorted(kept + records, key=lambda r: (order.get(r["arch"], len(order)),
+                                                       SIZES.index(r.get("size", "standard"))))
         # settings every record shares (a merged file may hold records made with other --embed-steps or --trials)
         common = {k: v for k, v in s.items() if all(r.get("settings", {}).get(k) == v for r in merged)}
         common["per_record"] = sorted(set(s) - set(common))
@@ -167,15 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _kept_records(out: Path, running: list[str]) -> list[dict]:
-    """The records of architectures not in ``running`` from an existing results file (for --merge)."""
+def _kept_records(out: Path, running: list[tuple[str, str]]) -> list[dict]:
+    """The records whose (architecture, size) is not in ``running``, from an existing results file (--merge)."""
     if not out.is_file():
         return []
     try:
         records = json.loads(out.read_text())["records"]
     except (ValueError, KeyError, TypeError) as exc:
         raise StealthMarkError(f"--merge: {out} is not a models.py results file ({exc})") from exc
-    return [r for r in records if r.get("arch") not in running]
+    return [r for r in records if (r.get("arch"), r.get("size", "standard")) not in running]
 
 
 if __name__ == "__main__":
