@@ -369,7 +369,7 @@ class LimeExplainer:
 
         responses = []
         seconds_queries = 0.0
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: see SegmentationModel._forward_chunk
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
                 # (b, K) cell masks -> (b, 1, H, W) pixel masks by one gather through the cell index

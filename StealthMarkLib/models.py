@@ -469,13 +469,12 @@ class SegmentationModel:
                         )
                     self._chunk = max(1, size // 2)
                     continue
-                # outside inference mode, so callers get ordinary tensors they may use as training targets
                 outs.append(self._to_probabilities(raw, tuple(chunk.shape), check=True))
                 start += size
         finally:
             self.module.train(was_training)
         result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        return result.clone() if result.is_inference() else result  # a pass-through head kept the module's own tensor
+        return result
 
     def forward_train(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Class probabilities ``(B, K, H, W)`` WITH gradients, module in its current mode (for fine-tuning)."""
@@ -498,7 +497,10 @@ class SegmentationModel:
     def _forward_chunk(self, chunk: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """(raw output, False), or (None, True) when the device ran out of memory."""
         try:
-            with torch.inference_mode():
+            # no_grad, not inference_mode: TorchScript's executor, once it has run a module with gradients
+            # (fine-tuning in this process), runs it through differentiable graphs that must save tensors
+            # for backward, which inference mode refuses ("Inference tensors cannot be saved for backward")
+            with torch.no_grad():
                 return self.module(chunk.to(self.device)), False
         except StealthMarkError:
             raise

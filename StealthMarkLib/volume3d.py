@@ -106,7 +106,7 @@ def predict_volume(model: SegmentationModel, stack: np.ndarray, overlap: float =
         raise InputError(f"the stack's slices are {tuple(x.shape[-2:])}, the model's ROI {roi}")
     if x.shape[2] < roi[0]:
         raise InputError(f"the stack has {x.shape[2]} slices, fewer than the model's ROI depth {roi[0]}")
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: see SegmentationModel._forward_chunk
         probs = sliding_window_inference(x.to(model.device), roi_size=roi, sw_batch_size=model.max_batch,
                                          predictor=model.probabilities, overlap=overlap, mode="gaussian")
     return torch.as_tensor(probs).float().cpu().numpy()[0]

@@ -59,6 +59,28 @@ def test_architecture_round_trips(arch, tmp_path):
     assert torch.allclose(again.probabilities(x), p, atol=1e-5)
 
 
+def test_a_traced_model_fine_tuned_in_this_process_still_answers(tmp_path):
+    # SwinUNETR is saved by tracing. Once TorchScript's executor has run a module with gradients a few
+    # times (embedding fine-tunes it), it runs it through differentiable graphs, which inference mode
+    # refused: harmlessness and LIME on the fine-tuned module failed after a whole embedding (found by
+    # benchmarks/models.py --archs SwinUNETR). Queries now run under no_grad.
+    torch.manual_seed(0)
+    spec = architecture_spec("SwinUNETR", "tiny", SIZE)
+    path = save_model(SegmentationModel(build_network(spec), spec, device="cpu"), tmp_path / "sw.ts", spec)
+    model = load_model(path, device="cpu")
+    assert isinstance(model.module, torch.jit.ScriptModule)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    for _ in range(3):
+        model.forward_train(x).sum().backward()
+    p = model.probabilities(x)
+    assert p.shape == (2, 2, SIZE, SIZE) and not p.requires_grad
+    assert torch.allclose(p.sum(1), torch.ones(2, SIZE, SIZE), atol=1e-5)
+    key = create_key("SM:TRACED", seed=4, tile=3)
+    # LIME on the same fine-tuned module, in the same process
+    v = run_verify(model, key.save(tmp_path / "key.json"), tmp_path / "rep", samples=20, seed=1)
+    assert v.report.n_queries == 20 and (tmp_path / "rep" / "report.json").is_file()
+
+
 @pytest.mark.parametrize("arch", ["SwinUNETR", "UNETR", "SamViT"])
 def test_small_sizes_sit_between_tiny_and_standard(arch):
     # the CPU-sized configurations benchmarks/models.py --size small measures: they build at 128 px, answer
