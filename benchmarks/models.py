@@ -1,11 +1,12 @@
 """Embedding and verification per architecture: UNet, BasicUNet, SegResNet, SwinUNETR, UNETR, SAM ViT-B.
 
-For each architecture (its ``standard`` configuration in StealthMarkLib/architectures.py, 128 x 128, one
-input channel, softmax over background/foreground): train a clean model on the bundled real MRI, embed the
-watermark with a published benchmark key, verify N times (half on the key image, half on 4 key-blended
-held-out slices, fresh LIME seeds each), and measure the Dice drop on the held-out slices. Writes one record
-per architecture: ``arch``, ``params``, ``image_size``, ``asr`` (fraction of trials decoding the payload),
-``dice_drop_points``, ``embed_seconds``, ``device``, plus the settings and per-trial verdicts.
+For each architecture (its ``standard`` configuration in StealthMarkLib/architectures.py, or its ``small``
+one with ``--size small``; 128 x 128, one input channel, softmax over background/foreground): train a clean
+model on the bundled real MRI, embed the watermark with a published benchmark key, verify N times (half on
+the key image, half on 4 key-blended held-out slices, fresh LIME seeds each), and measure the Dice drop on
+the held-out slices. Writes one record per architecture and size: ``arch``, ``size``, ``params``,
+``image_size``, ``asr`` (fraction of trials decoding the payload), ``dice_drop_points``, ``embed_seconds``,
+``device``, plus the settings and per-trial verdicts.
 
 The SAM ViT-B model (StealthMarkLib/samvit.py) starts from random initialisation: no pretrained weights can
 be downloaded here.
