@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: rec[k] for k in ("arch", "params", "asr", "dice_drop_points", "embed_seconds",
                                               "device")}), flush=True)
         order = {name: i for i, name in enumerate(ARCHITECTURES)}
-        merged = sorted(kept + records, key=lambda r: (order.get(r["arch"], len(order)),
-                                                       SIZES.index(r.get("size", "standard"))))
+        merged = sorted(kept + records, key=lambda r: (order.get(r["arch"], len(order)), SIZES.index(_size(r))))
         # settings every record shares (a merged file may hold records made with other --embed-steps or --trials)
         common = {k: v for k, v in s.items() if all(r.get("settings", {}).get(k) == v for r in merged)}
         common["per_record"] = sorted(set(s) - set(common))
@@ -183,7 +182,12 @@ def _kept_records(out: Path, running: list[tuple[str, str]]) -> list[dict]:
         records = json.loads(out.read_text())["records"]
     except (ValueError, KeyError, TypeError) as exc:
         raise StealthMarkError(f"--merge: {out} is not a models.py results file ({exc})") from exc
-    return [r for r in records if (r.get("arch"), r.get("size", "standard")) not in running]
+    return [r for r in records if (r.get("arch"), _size(r)) not in running]
+
+
+def _size(record: dict) -> str:
+    """A record's architecture size (records written before sizes were recorded are ``standard``)."""
+    return record.get("size", "standard")
 
 
 if __name__ == "__main__":
