@@ -127,7 +127,9 @@ def test_null_keys_set_the_agreement_against_random_keys(world, capsys):
     import math
 
     out = world["tmp"] / "v_null"
-    r = verify(world, world["wm"], out, "--null-keys", 3)
+    # the verifier's default sample count, as for the key image below: at 1000 samples this model's key image
+    # read 94.7% and did not decode on one CI machine (it had decoded on another)
+    r = verify(world, world["wm"], out, "--null-keys", 3, samples=None)
     nk = r["null_keys"]
     assert nk["n_keys"] == 3 and len(nk["agreements"]) == 3 and all(0.0 <= a <= 1.0 for a in nk["agreements"])
     assert nk["sd_used"] >= max(nk["sd"], 0.5 / math.sqrt(r["n_data_modules"])) - 1e-4
