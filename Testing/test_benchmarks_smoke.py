@@ -231,6 +231,26 @@ def test_gpu_script_refuses_to_run_without_cuda(tmp_path):
     assert not (tmp_path / "gpu").exists()
 
 
+def test_gpu_coverage_dry_run_writes_every_record(tmp_path):
+    """gpu.sh --smoke coverage: the three transformers merged into one models.json, and the 3-D record; the
+    real run (coverage without --smoke) refuses a machine without CUDA before writing anything."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "cov")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--smoke", "coverage"], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    models = json.loads((tmp_path / "cov" / "models.json").read_text())["records"]
+    assert [r["arch"] for r in models] == ["SwinUNETR", "UNETR", "SamViT"]
+    vol = json.loads((tmp_path / "cov" / "volume3d.json").read_text())["records"]
+    assert len(vol) == 1 and vol[0]["smoke"] and len(vol[0]["roi"]) == 3
+    if not torch.cuda.is_available():
+        files = [BENCH / "results" / "models.json", BENCH / "results" / "volume3d.json"]
+        before = [f.read_bytes() if f.exists() else None for f in files]
+        proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "coverage"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 3 and "no CUDA GPU visible" in proc.stderr
+        assert [f.read_bytes() if f.exists() else None for f in files] == before
+
+
 def test_every_full_size_null_model_can_be_built():
     """The smoke run trains only two null models; build all of the full run's, so none fails hours in."""
     import null_calibration

@@ -304,3 +304,35 @@ def test_slicer_module_verifies_a_3d_model_on_a_volume_node(world, tmp_path_fact
     check_attribution(node, attribution, tmp_path / "report")
     values = slicer.util.arrayFromVolume(attribution)
     assert [k for k in range(values.shape[0]) if np.abs(values[k]).max() > 0] == report["slices"]
+
+
+# -- the benchmark script ------------------------------------------------------------------------------
+def test_volume3d_benchmark_smoke(tmp_path, capsys, one_torch_thread):
+    """benchmarks/volume3d.py --smoke: a record per tag (same tag replaced), its fields, and bad settings."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("volume3d_benchmark", ROOT / "benchmarks" / "volume3d.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "volume3d.json"
+    assert bench.main(["--smoke", "--mode", "blended", "--tag", "a", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--tag", "b", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--tag", "a", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["tag"], r["mode"]) for r in records] == [("b", "key-image"), ("a", "key-image")]
+    r = records[-1]
+    assert r["roi"] == [4, 48, 48] and r["params"] > 0 and r["device"].startswith("cpu") and 0 <= r["asr"] <= 1
+    assert [t["input"] for t in r["trials"]] == ["key slab", "key slab"]
+    assert set(r["controls"]) == {"clean model", "wrong key"}
+    assert {"dice_drop_points", "flip_rate_clean", "volume_sliding_window", "embed_seconds"} <= set(r)
+    assert str(bench.KEY_SEED) not in out.read_text()
+    before = out.read_text()
+    for bad, msg in ((["--roi", "8,64"], "--roi must be 3 positive integers"),
+                     (["--steps", "0"], "--steps must be at least 1"),
+                     (["--channels", "a,b"], "--channels must be comma-separated integers")):
+        assert bench.main([*bad, "--out", str(out)]) == 2
+        assert msg in capsys.readouterr().err
+    (tmp_path / "other.json").write_text("[1]")
+    assert bench.main(["--smoke", "--out", str(tmp_path / "other.json")]) == 2
+    assert "is not a volume3d.py results file" in capsys.readouterr().err
+    assert out.read_text() == before and (tmp_path / "other.json").read_text() == "[1]"
