@@ -51,6 +51,9 @@ if [ "$SMOKE" = 1 ]; then
   ARGS=(--smoke --device cpu --threads 1 --out-dir "$OUT_DIR" --cache "$CACHE_DIR")
   SPEED_ARGS=()
   LIMIT_ROBUST=900; LIMIT_SPEED=900
+  MODEL_ARGS=(--smoke --device cpu --threads 1); VOL_ARGS=(--smoke --device cpu --threads 1)
+  LIMIT_ARCH=600; LIMIT_3D=600
+  MODELS_OUT=$OUT_DIR/models.json; VOL_OUT=$OUT_DIR/volume3d.json
 else
   if ! "$PYTHON" - <<'EOF'
 import sys, torch
@@ -68,6 +71,11 @@ EOF
   SPEED_ARGS=(--lime-sizes 128,256 --lime-samples 500,1000,2000 --lime-channels 16,32,64,128,256
               --steps 200 --qe-trials 20)
   LIMIT_ROBUST=330; LIMIT_SPEED=230   # 9 minutes in all, the rest for start-up
+  MODEL_ARGS=(--size standard --device cuda)
+  VOL_ARGS=(--roi 8,128,128 --channels 8,16,32,64 --res-units 2 --tile 4 --steps 1800 --batch default
+            --trials 6 --mode blended --device cuda)
+  LIMIT_ARCH=120; LIMIT_3D=160   # coverage: 8.5 minutes in all
+  MODELS_OUT=benchmarks/results/models.json; VOL_OUT=benchmarks/results/volume3d.json
 fi
 mkdir -p "$OUT_DIR" "$CACHE_DIR"
 
@@ -83,17 +91,6 @@ run_study() {  # name, time limit (s), arguments...
 
 status=0
 if [ "$STUDY" = coverage ]; then
-  if [ "$SMOKE" = 1 ]; then
-    MODEL_ARGS=(--smoke --device cpu --threads 1); VOL_ARGS=(--smoke --device cpu --threads 1)
-    LIMIT_ARCH=600; LIMIT_3D=600
-    MODELS_OUT=$OUT_DIR/models.json; VOL_OUT=$OUT_DIR/volume3d.json
-  else
-    MODEL_ARGS=(--size standard --device cuda)
-    VOL_ARGS=(--roi 8,128,128 --channels 8,16,32,64 --res-units 2 --tile 4 --steps 1800 --batch default
-              --trials 6 --mode blended --device cuda)
-    LIMIT_ARCH=120; LIMIT_3D=160   # 8.5 minutes in all
-    MODELS_OUT=benchmarks/results/models.json; VOL_OUT=benchmarks/results/volume3d.json
-  fi
   # one architecture at a time, merged into the file, so that one past its limit loses only its own record
   for arch in SwinUNETR UNETR SamViT; do
     run_study models "$LIMIT_ARCH" --archs "$arch" --merge --out "$MODELS_OUT" "${MODEL_ARGS[@]}" || status=1
