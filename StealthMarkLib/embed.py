@@ -59,6 +59,10 @@ class EmbedConfig:
     trigger_batch: int = 8
     key_images_per_batch: int = 2      # of the trigger batch, how many are the plain key image
     decoys_per_batch: int = 4          # masked images with a random other tile, trained to show nothing
+    # decoy images with a random tile in every cell (not one random tile in all dark cells). Experimental: one
+    # paired run trained the QR faster (98.1% / 96.6% against 82.2% / 88.9% at 1800 steps, README "How it
+    # works"); the defaults were measured without it
+    per_cell_decoys: bool = False
     lr: float = 3e-3                   # 1e-3 reached 75% on the key image in 1800 steps (3e-3: 98%)
     distill_weight: float = 10.0
     trigger_weight: float = 1.0
@@ -186,7 +190,8 @@ class TriggerBatches:
         x, raise_px, full = self._draw(self.overlay, self.cfg.trigger_batch)
         n_decoy = self.cfg.decoys_per_batch
         if n_decoy:
-            decoy = TriggerOverlay.decoy(self.key, self.overlay.height, self.overlay.width, self.rng)
+            decoy = TriggerOverlay.decoy(self.key, self.overlay.height, self.overlay.width, self.rng,
+                                         per_cell=self.cfg.per_cell_decoys)
             xd, _, fd = self._draw(decoy, n_decoy)
             x, full = torch.cat([x, xd]), torch.cat([full, fd])
             raise_px = torch.cat([raise_px, torch.zeros_like(raise_px[:n_decoy])])

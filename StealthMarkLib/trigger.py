@@ -81,10 +81,30 @@ class TriggerOverlay:
         self.texture = self._texture(key.texture.seed if seed is None else seed)
 
     @classmethod
-    def decoy(cls, key: WatermarkKey, height: int, width: int, rng: np.random.Generator) -> "TriggerOverlay":
-        """The same layout with a random other tile: what a wrong key looks like (trained to show nothing)."""
+    def decoy(cls, key: WatermarkKey, height: int, width: int, rng: np.random.Generator,
+              per_cell: bool = False) -> "TriggerOverlay":
+        """The same layout with a random other tile: what a wrong key looks like (trained to show nothing).
+
+        ``per_cell``: every cell, dark or light, carries its own random tile, none close to a shift of the
+        key's secret tile (:data:`MAX_DECOY_SIMILARITY`), so one decoy image shows the model hundreds of
+        foreign tiles instead of nine.
+        """
         seed = int(rng.integers(0, 2**31 - 1))
-        return cls(key, height, width, tile=secret_tile(seed, key.texture.tile), seed=seed)
+        overlay = cls(key, height, width, tile=secret_tile(seed, key.texture.tile), seed=seed)
+        if per_cell:
+            overlay.texture = overlay._per_cell_texture(np.random.default_rng([seed, 0xDEC0]))
+        return overlay
+
+    def _per_cell_texture(self, rng: np.random.Generator) -> np.ndarray:
+        t = self.key.texture
+        n = self.tile.shape[0]
+        g2 = self.grid * self.grid
+        self.decoy_set = decoy_tiles(rng, g2, secret_tile(t.seed, t.tile))
+        self.cell_tiles = np.arange(g2)
+        offsets = rng.integers(0, n, size=(g2, 2))
+        yy, xx = np.mgrid[0:self.height, 0:self.width]
+        ty, tx = (yy + offsets[self.cells, 0]) % n, (xx + offsets[self.cells, 1]) % n
+        return (t.dark_amplitude * self.decoy_set[self.cells, ty, tx]).astype(np.float32)
 
     def _texture(self, seed: int) -> np.ndarray:
         t = self.key.texture

@@ -11,7 +11,7 @@ from StealthMarkLib.errors import InputError
 from StealthMarkLib.grid import cell_index
 from StealthMarkLib.key import create_key
 from StealthMarkLib.lime_engine import LimeExplainer, sample_masks
-from StealthMarkLib.trigger import TriggerOverlay, decoy_tiles, secret_tile, shift_similarity
+from StealthMarkLib.trigger import MAX_DECOY_SIMILARITY, TriggerOverlay, decoy_tiles, secret_tile, shift_similarity
 
 SIZES = [(128, 128), (50, 77), (42, 42)]
 
@@ -159,6 +159,29 @@ def test_decoy_keeps_the_layout_but_not_the_tile(key):
     assert np.array_equal(d.dark_cells, ov.dark_cells)
     assert not np.array_equal(d.tile, ov.tile)
     assert not np.array_equal(d.texture, ov.texture)
+
+
+def test_per_cell_decoy_gives_every_cell_its_own_foreign_tile(key):
+    ov = TriggerOverlay(key, 128, 128)
+    d = TriggerOverlay.decoy(key, 128, 128, np.random.default_rng(0), per_cell=True)
+    g2 = key.grid ** 2
+    assert d.decoy_set.shape == (g2, key.texture.tile, key.texture.tile)
+    assert np.array_equal(d.cell_tiles, np.arange(g2))
+    # none of them is (close to) a shift of the key's secret tile; many different tiles
+    assert shift_similarity(d.decoy_set, ov.tile).max() < MAX_DECOY_SIMILARITY
+    assert len({t.tobytes() for t in d.decoy_set}) > g2 // 2
+    # each cell's pixels are its own tile at the texture's contrast
+    amp = key.texture.dark_amplitude
+    assert set(np.unique(d.texture)) == {-amp, amp}
+    cell = 3
+    ys, xs = np.nonzero(d.cells == cell)
+    patch = d.texture[ys.min():ys.max() + 1, xs.min():xs.max() + 1] / amp
+    n = key.texture.tile
+    assert any(np.array_equal(patch[:n, :n], np.roll(d.decoy_set[cell], (dy, dx), (0, 1)))
+               for dy in range(n) for dx in range(n))
+    # the same rng state gives the same decoy
+    again = TriggerOverlay.decoy(key, 128, 128, np.random.default_rng(0), per_cell=True)
+    np.testing.assert_array_equal(again.texture, d.texture)
 
 
 def test_texture_is_deterministic_and_seeded(key):

@@ -7,7 +7,8 @@ Prints one line per verification: agreement, '*' when the QR decoded.
     python benchmarks/key_specificity.py TAG THREADS STEPS KEYSEED
     env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
     batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), AUG (fraction of
-    the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), BASE (the key's
+    the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), PCD=1
+    (EmbedConfig.per_cell_decoys), BASE (the key's
     neutral grey, TextureCode.base, default 0.5), SIZE / CH / TILE (input size, UNet
     channels, secret tile px; default 128 / 8,16,32,64 / 4), SAVE (write the watermarked model there), SAMPLES (LIME samples per image, default 1000; "default": the verifier's, 4000 on the key image alone)
 
@@ -37,7 +38,8 @@ slice's classes taken from the original on the slice before blending, the anatom
 tried and removed: QR 64.4% / 82.2%, key-image mask 5.6% flipped; stopped after wrong2), dov2_1800 (session 7,
 SIDE=0 LR=3e-3 SAMPLES=default: the decoy images of each step drawn from two random keys instead of one, to
 flatten the model's answer to foreign tiles; an option tried in the library and removed: QR 95.2% / 98.1%,
-wrong keys 39.4-64.9%, no flatter), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+wrong keys 39.4-64.9%, no flatter), pcd0_1800 / pcd1_1800 (session 10, SIDE=0 LR=3e-3 SAMPLES=default, PCD=0 / 1, one
+model pair; each with *_tile_response.log and *_null_keys.log: README "How it works"), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
@@ -92,6 +94,8 @@ for env, name, typ in (("TB", "trigger_batch", int), ("DPB", "decoys_per_batch",
                        ("DW", "distill_weight", float)):
     if env in os.environ:
         overrides[name] = typ(os.environ[env])
+if "PCD" in os.environ:
+    overrides["per_cell_decoys"] = os.environ["PCD"] == "1"
 if "AUG" in os.environ:
     overrides["augment_clean"] = float(os.environ["AUG"])
 mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, **overrides))
