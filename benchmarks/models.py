@@ -149,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     t1, mask = sample_paths()
     size = s["image_size"]
     ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
-    tmp = Path(tempfile.mkdtemp(prefix="sm-models-"))
+    with tempfile.TemporaryDirectory(prefix="sm-models-") as tmp:   # the models and the key: removed at the end
+        return _run(a, s, archs, kept, ds, Path(tmp), str(dev))
+
+
+def _run(a: argparse.Namespace, s: dict, archs: list[str], kept: list[dict], ds, tmp: Path, dev: str) -> int:
     # published: never use it for real. samples None: the verifier's defaults (4000 on the key image alone,
     # 1000 per blended slice), as `stealthmark verify` uses them
     key = create_key("SM:BENCH-0001", seed=20261127, **({"samples": s["samples"]} if s["samples"] else {}))
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for arch in archs:
         t0 = time.monotonic()
-        rec = bench_arch(arch, s, ds, key, key_path, tmp, str(dev))
+        rec = bench_arch(arch, s, ds, key, key_path, tmp, dev)
         rec["total_seconds"] = round(time.monotonic() - t0, 1)
         rec["settings"] = s
         records.append(rec)
