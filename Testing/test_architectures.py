@@ -117,6 +117,23 @@ def test_samvit_follows_timm_names_and_vit_b_size():
     assert tiny(torch.rand(1, 1, 96, 80)).shape == (1, 3, 96, 80)
 
 
+def test_samvit_image_skip_is_a_full_resolution_path_and_scripts():
+    torch.manual_seed(0)
+    plain, skip = SamViT(1, 2, 64, config="tiny").eval(), SamViT(1, 2, 64, config="tiny", image_skip=4).eval()
+    assert not any(n.startswith(("skip.", "fuse.")) for n in plain.state_dict())
+    assert {"skip.0.weight", "skip.2.weight", "fuse.0.weight"} <= set(skip.state_dict())
+    # the path is wired into the logits: a pixel's logit trains the skip convolutions; both script and give
+    # the eager outputs
+    skip(torch.rand(1, 1, 64, 64))[0, 1, 30, 30].backward()
+    assert skip.skip[0].weight.grad.abs().sum() > 0 and skip.fuse[0].weight.grad.abs().sum() > 0
+    for m in (plain, skip):
+        y = torch.rand(2, 1, 64, 64)
+        torch.testing.assert_close(torch.jit.script(m)(y), m(y))
+    assert architecture_spec("SamViT", "small", 128).args["image_skip"] == 16
+    with pytest.raises(ValueError, match="image_skip"):
+        SamViT(1, 2, 64, config="tiny", image_skip=-1)
+
+
 @pytest.mark.parametrize("spec, match", [
     (ModelSpec("ResNet", {}), r"unknown network 'ResNet'.*SwinUNETR.*UNETR.*SamViT"),
     (architecture_spec("SwinUNETR", image_size=48), r"48x48 is not divisible by 32"),
