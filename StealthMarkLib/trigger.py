@@ -101,19 +101,21 @@ class TriggerOverlay:
         g2 = self.grid * self.grid
         self.decoy_set = decoy_tiles(rng, g2, secret_tile(t.seed, t.tile))
         self.cell_tiles = np.arange(g2)
-        offsets = rng.integers(0, n, size=(g2, 2))
-        yy, xx = np.mgrid[0:self.height, 0:self.width]
-        ty, tx = (yy + offsets[self.cells, 0]) % n, (xx + offsets[self.cells, 1]) % n
+        ty, tx = self._tile_coords(rng.integers(0, n, size=(g2, 2)))
         return (t.dark_amplitude * self.decoy_set[self.cells, ty, tx]).astype(np.float32)
+
+    def _tile_coords(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) row and column of each pixel inside its cell's tile, given (G*G, 2) per-cell tile offsets."""
+        n = self.tile.shape[0]
+        yy, xx = np.mgrid[0:self.height, 0:self.width]
+        return (yy + offsets[self.cells, 0]) % n, (xx + offsets[self.cells, 1]) % n
 
     def _texture(self, seed: int) -> np.ndarray:
         t = self.key.texture
         rng = np.random.default_rng([seed, self.height, self.width])
         n = self.tile.shape[0]
         g2 = self.grid * self.grid
-        offsets = rng.integers(0, n, size=(g2, 2))       # per-cell tile offsets
-        yy, xx = np.mgrid[0:self.height, 0:self.width]
-        ty, tx = (yy + offsets[self.cells, 0]) % n, (xx + offsets[self.cells, 1]) % n
+        ty, tx = self._tile_coords(rng.integers(0, n, size=(g2, 2)))     # per-cell tile offsets
         dark_px = self.dark_cells[self.cells]
         if t.light == "noise":
             light = rng.normal(0.0, t.light_sigma, size=(self.height, self.width))
