@@ -335,12 +335,14 @@ def test_models_benchmark_smoke(tmp_path, capsys):
     assert bench.main(["--smoke", "--archs", "SamViT", "--out", str(out)]) == 0
     assert [r["arch"] for r in json.loads(out.read_text())["records"]] == ["SamViT"]
     # keeps SamViT's record; the settings the two records do not share are left to each record
-    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge", "--embed-steps", "4"]) == 0
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge", "--embed-steps", "4",
+                       "--per-cell-decoys"]) == 0
     doc = json.loads(out.read_text())
     records = doc["records"]
     assert [r["arch"] for r in records] == ["UNet", "SamViT"]
     assert [r["settings"]["embed_steps"] for r in records] == [4, 3]
-    assert doc["settings"]["per_record"] == ["embed_steps"] and "embed_steps" not in doc["settings"]
+    assert [r["settings"].get("per_cell_decoys") for r in records] == [True, None]   # absent: off
+    assert doc["settings"]["per_record"] == ["embed_steps", "per_cell_decoys"] and "embed_steps" not in doc["settings"]
     # records are kept per (architecture, size): a UNet record of another size stays beside a new UNet run
     doc["records"][0]["size"] = "small"
     out.write_text(json.dumps(doc))

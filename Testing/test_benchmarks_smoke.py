@@ -268,16 +268,21 @@ def test_effectiveness_quick_run_records_its_recipe(tmp_path):
     """effectiveness.py (issue 3's figures) at tiny sizes, with another recipe: it says which one it measured."""
     out = tmp_path / "eff.json"
     proc = subprocess.run([sys.executable, str(BENCH / "effectiveness.py"), "--quick", "--skip-demo",
-                           "--embed-steps", "3", "--keep-trigger-masks", "--out", str(out)],
+                           "--embed-steps", "3", "--keep-trigger-masks", "--per-cell-decoys", "--lr", "5e-3",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["embed_steps"] == 3 and doc["keep_trigger_masks"] is True and doc["quick"] is True
+    assert doc["per_cell_decoys"] is True and doc["lr"] == 5e-3
     assert len(doc["trials"]) == 4 and 0.0 <= doc["asr"] <= 1.0
     assert doc["harmlessness"]["key_image"]["original_foreground_fraction"] >= 0.0
     bad = subprocess.run([sys.executable, str(BENCH / "effectiveness.py"), "--embed-steps", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--embed-steps must be at least 1" in bad.stderr
+    bad = subprocess.run([sys.executable, str(BENCH / "effectiveness.py"), "--lr", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--lr must be positive" in bad.stderr
 
 
 def test_tile_response_prints_each_keys_tiles(tmp_path):

@@ -316,10 +316,11 @@ def test_volume3d_benchmark_smoke(tmp_path, capsys, one_torch_thread):
     spec.loader.exec_module(bench)
     out = tmp_path / "volume3d.json"
     assert bench.main(["--smoke", "--mode", "blended", "--tag", "a", "--out", str(out)]) == 0
-    assert bench.main(["--smoke", "--tag", "b", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--tag", "b", "--per-cell-decoys", "--out", str(out)]) == 0
     assert bench.main(["--smoke", "--tag", "a", "--out", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
     assert [(r["tag"], r["mode"]) for r in records] == [("b", "key-image"), ("a", "key-image")]
+    assert [r["per_cell_decoys"] for r in records] == [True, False]
     r = records[-1]
     assert r["roi"] == [4, 48, 48] and r["params"] > 0 and r["device"].startswith("cpu") and 0 <= r["asr"] <= 1
     assert [t["input"] for t in r["trials"]] == ["key slab", "key slab"]

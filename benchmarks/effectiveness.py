@@ -12,8 +12,8 @@ Measures what the embedding/verification issue asks for, on a 2-core CPU by defa
 - verification of the whole 62-slice sample volume (default slice choice) and its time.
 
 Usage: .venv/bin/python benchmarks/effectiveness.py [--out benchmarks/results/effectiveness.json] [--quick]
-       [--skip-demo] [--embed-steps N] [--keep-trigger-masks]
-(the last two: another embedding recipe, e.g. the one that keeps the key image's mask; both are recorded)
+       [--skip-demo] [--embed-steps N] [--keep-trigger-masks] [--per-cell-decoys] [--lr X]
+(the last four: another embedding recipe, e.g. the one that keeps the key image's mask; all are recorded)
 """
 
 from __future__ import annotations
@@ -59,9 +59,14 @@ def main() -> None:
     ap.add_argument("--embed-steps", type=int, help=f"embedding steps (default {DEFAULT_EMBED_STEPS}; 300 with --quick)")
     ap.add_argument("--keep-trigger-masks", action="store_true",
                     help="embed with EmbedConfig.keep_trigger_masks (stealthmark embed --keep-trigger-masks)")
+    ap.add_argument("--per-cell-decoys", action="store_true",
+                    help="embed with EmbedConfig.per_cell_decoys (decoys with a random tile in every cell)")
+    ap.add_argument("--lr", type=float, help="embedding learning rate (default EmbedConfig's)")
     a = ap.parse_args()
     if a.embed_steps is not None and a.embed_steps < 1:
         ap.error("--embed-steps must be at least 1")
+    if a.lr is not None and not a.lr > 0:
+        ap.error("--lr must be positive")
     q = a.quick
     size = 64 if q else 128
     channels = (16, 32, 64) if q else (8, 16, 32, 64)
@@ -93,8 +98,10 @@ def main() -> None:
     key_path = key.save(tmp / "key.json")
     steps = a.embed_steps or (DEFAULT_EMBED_STEPS if not q else 300)
     emb = run_embed(clean_path, t1, key_path, tmp / "wm.ts", labels=mask, label=SAMPLE_LABEL, steps=steps,
-                    config=EmbedConfig(keep_trigger_masks=a.keep_trigger_masks))
+                    config=EmbedConfig(keep_trigger_masks=a.keep_trigger_masks, per_cell_decoys=a.per_cell_decoys,
+                                       **({"lr": a.lr} if a.lr else {})))
     res["embed_steps"], res["keep_trigger_masks"] = steps, a.keep_trigger_masks
+    res["per_cell_decoys"], res["lr"] = a.per_cell_decoys, a.lr or EmbedConfig().lr
     res["embed_seconds"] = emb.log["seconds"]
     res["harmlessness"] = emb.harmlessness
     wm = load_model(tmp / "wm.ts")

@@ -17,9 +17,10 @@ default tile (4 px at 128 px); clean models train 300 steps with batch 8; verifi
 verifier's default sample counts.
 
 Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--size standard|small] [--trials 10]
-       [--embed-steps N] [--out FILE] [--merge] [--threads N] [--smoke]
+       [--embed-steps N] [--per-cell-decoys] [--out FILE] [--merge] [--threads N] [--smoke]
 (``--size small``: the transformers' CPU-sized configurations of architectures.py; each record names its
-``size`` and ``network_args``.)
+``size`` and ``network_args``. ``--per-cell-decoys``: EmbedConfig.per_cell_decoys, named in the record's
+``settings``; a record without it was measured with the option off.)
 (``--smoke``: tiny networks at 64 px and a few steps, for the test suite; its figures mean nothing.)
 ``--merge`` keeps the records of the architectures not run now from an existing ``--out`` file (each record
 names its own device), so that CPU and GPU runs can fill one file. The file is rewritten (atomically) after
@@ -86,7 +87,8 @@ def bench_arch(arch: str, s: dict, ds, key, key_path: Path, tmp: Path, device: s
     clean_path = save_model(clean, tmp / f"{arch}-clean.ts", spec)
     emb = run_embed(clean_path, t1, key_path, tmp / f"{arch}-wm.ts", labels=mask, label=SAMPLE_LABEL,
                     steps=s["embed_steps"], device=device, config=EmbedConfig(steps=s["embed_steps"], clean_batch=batch, trigger_batch=batch,
-                                       key_images_per_batch=min(2, batch), decoys_per_batch=min(4, batch)))
+                                       key_images_per_batch=min(2, batch), decoys_per_batch=min(4, batch),
+                                       per_cell_decoys=s.get("per_cell_decoys", False)))
     wm = load_model(tmp / f"{arch}-wm.ts", device=device)
     held = sample_split().held_out
     rng = np.random.default_rng(0)
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
     ap.add_argument("--embed-steps", type=int,
                     help=f"embedding steps (default the library's, {DEFAULT_EMBED_STEPS}); each record keeps its settings")
+    ap.add_argument("--per-cell-decoys", action="store_true",
+                    help="decoy images with a random tile in every cell (EmbedConfig.per_cell_decoys)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
     ap.add_argument("--merge", action="store_true",
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.embed_steps < 1:
                 raise StealthMarkError("--embed-steps must be at least 1")
             s["embed_steps"] = a.embed_steps
+        if a.per_cell_decoys:
+            s["per_cell_decoys"] = True
         dev = resolve_device(a.device)
         kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs]) if a.merge else []
     except StealthMarkError as exc:
@@ -171,7 +177,8 @@ def _run(a: argparse.Namespace, s: dict, archs: list[str], kept: list[dict], ds,
         merged = sorted(kept + records, key=lambda r: (order.get(r["arch"], len(order)), SIZES.index(_size(r))))
         # settings every record shares (a merged file may hold records made with other --embed-steps or --trials)
         common = {k: v for k, v in s.items() if all(r.get("settings", {}).get(k) == v for r in merged)}
-        common["per_record"] = sorted(set(s) - set(common))
+        named = set(s).union(*(r.get("settings", {}) for r in merged))
+        common["per_record"] = sorted(named - set(common))
         res = {"smoke": a.smoke, "settings": common, "torch": torch.__version__, "data": ds.describe(),
                "devices": sorted({r["device"] for r in merged}), "records": merged}
         write_text_atomic(a.out, json.dumps(res, indent=2, default=float) + "\n")

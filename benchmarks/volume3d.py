@@ -18,7 +18,8 @@ sliding-window inferer).
 
 Usage: .venv/bin/python -u benchmarks/volume3d.py [--tag NAME] [--roi 8,64,64] [--channels 8,16,32]
        [--res-units 1] [--tile 3] [--mode key-image|blended] [--steps 1500] [--batch small|default]
-       [--clean-steps 100] [--samples N] [--trials 4] [--device auto] [--threads N] [--out FILE] [--smoke]
+       [--clean-steps 100] [--samples N] [--trials 4] [--per-cell-decoys] [--device auto] [--threads N]
+       [--out FILE] [--smoke]
 
 The defaults are the best CPU row of README's table (64 px, UNet (8,16,32), 3 px tile, 1500 steps of the
 small batch: 87.0%, no decode). The next row to measure, on a GPU (benchmarks/gpu_coverage.sh):
@@ -98,7 +99,7 @@ def run(s: dict, device: str, tmp: Path) -> dict:
     clean_path = save_model(clean, tmp / "clean3d.ts", spec)
     key = create_key(PAYLOAD, seed=KEY_SEED, mode=s["mode"], tile=s["tile"]).save(tmp / "key.json")
     wrong = create_key(PAYLOAD, seed=WRONG_SEED, mode=s["mode"], tile=s["tile"]).save(tmp / "wrong.json")
-    cfg = EmbedConfig(steps=s["steps"], **BATCHES[s["batch"]])
+    cfg = EmbedConfig(steps=s["steps"], per_cell_decoys=s["per_cell_decoys"], **BATCHES[s["batch"]])
     wm_path = tmp / "wm3d.ts"
     emb = run_embed(clean_path, t1, key, wm_path, labels=mask, label=SAMPLE_LABEL, steps=s["steps"],
                     device=device, config=cfg)
@@ -113,6 +114,7 @@ def run(s: dict, device: str, tmp: Path) -> dict:
     h = emb.harmlessness
     return {"tag": s["tag"], "roi": list(s["roi"]), "channels": list(s["channels"]), "res_units": s["res_units"],
             "tile": s["tile"], "mode": s["mode"], "steps": s["steps"], "batch": s["batch"],
+            "per_cell_decoys": s["per_cell_decoys"],
             "batch_sizes": {k: v for k, v in cfg.to_json().items() if k in BATCHES["small"]},
             "clean_steps": s["clean_steps"], "samples": s["samples"], "params": int(params),
             "clean_train_seconds": clean_seconds, "embed_seconds": emb.log["seconds"],
@@ -141,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: at most 2; 1 with --smoke)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/volume3d.json"))
+    ap.add_argument("--per-cell-decoys", action="store_true",
+                    help="decoy slabs with a random tile in every cell (EmbedConfig.per_cell_decoys)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and a few steps (for the test suite)")
     a = ap.parse_args(argv)
     try:
         s = {"roi": ints(a.roi, "--roi", 3), "channels": ints(a.channels, "--channels"), "res_units": a.res_units,
              "tile": a.tile, "mode": a.mode, "steps": a.steps, "batch": a.batch, "clean_steps": a.clean_steps,
-             "samples": a.samples, "trials": a.trials, "smoke": a.smoke}
+             "samples": a.samples, "trials": a.trials, "per_cell_decoys": a.per_cell_decoys, "smoke": a.smoke}
         if a.smoke:
             s.update(SMOKE)
         for name in ("res_units", "tile", "steps", "clean_steps", "trials"):
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if s["samples"] is not None and s["samples"] < 10:
             raise StealthMarkError("--samples must be at least 10")
         s["tag"] = a.tag or (f"roi{'x'.join(map(str, s['roi']))}-ch{'-'.join(map(str, s['channels']))}"
-                             f"-res{s['res_units']}-tile{s['tile']}-{s['mode']}-{s['steps']}-{s['batch']}")
+                             f"-res{s['res_units']}-tile{s['tile']}-{s['mode']}-{s['steps']}-{s['batch']}"
+                             f"{'-pcd' if s['per_cell_decoys'] else ''}")
         out = Path(a.out)
         kept = _kept_records(out, s["tag"])
         dev = resolve_device(a.device)
