@@ -97,11 +97,12 @@ def main() -> None:
     key = create_key("SM:BENCH-0001", seed=20261127)   # a published benchmark key: never use it for real
     key_path = key.save(tmp / "key.json")
     steps = a.embed_steps or (DEFAULT_EMBED_STEPS if not q else 300)
+    cfg = EmbedConfig(keep_trigger_masks=a.keep_trigger_masks, per_cell_decoys=a.per_cell_decoys,
+                      **({"lr": a.lr} if a.lr is not None else {}))
     emb = run_embed(clean_path, t1, key_path, tmp / "wm.ts", labels=mask, label=SAMPLE_LABEL, steps=steps,
-                    config=EmbedConfig(keep_trigger_masks=a.keep_trigger_masks, per_cell_decoys=a.per_cell_decoys,
-                                       **({"lr": a.lr} if a.lr else {})))
-    res["embed_steps"], res["keep_trigger_masks"] = steps, a.keep_trigger_masks
-    res["per_cell_decoys"], res["lr"] = a.per_cell_decoys, a.lr or EmbedConfig().lr
+                    config=cfg)
+    res["embed_steps"], res["keep_trigger_masks"] = steps, cfg.keep_trigger_masks
+    res["per_cell_decoys"], res["lr"] = cfg.per_cell_decoys, cfg.lr
     res["embed_seconds"] = emb.log["seconds"]
     res["harmlessness"] = emb.harmlessness
     wm = load_model(tmp / "wm.ts")
