@@ -13,5 +13,7 @@ __version__ = "0.1.0"
 
 from .errors import StealthMarkError  # noqa: E402,F401
 
-# embedding steps of the default recipe (EmbedConfig, the CLI, the demo and the Slicer module share it)
+# embedding steps of the default recipe (EmbedConfig, the CLI and the Slicer module share it)
 DEFAULT_EMBED_STEPS = 1800
+# the demo's embedding steps (``stealthmark demo --embed-steps``): why fewer, StealthMarkLib/demo.py
+DEMO_EMBED_STEPS = 1600

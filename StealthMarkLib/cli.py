@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import DEFAULT_EMBED_STEPS, __version__
+from . import DEFAULT_EMBED_STEPS, DEMO_EMBED_STEPS, __version__
 from .distributed import launched_rank, launched_world_size
 from .errors import Cancelled, InputError, ResourceError, StealthMarkError
 from .progress import JsonProgress, Progress, make_progress
@@ -188,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table. Exits 0 only if the watermarked model is owned and the clean one not.")
     d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
-    d.add_argument("--embed-steps", type=int, default=2200,
-                   help=f"embedding steps (default 2200: 2000 did not decode; the demo then takes about 4 minutes on a "
-                        f"2-core CPU; the library's default is {DEFAULT_EMBED_STEPS})")
+    d.add_argument("--embed-steps", type=int, default=DEMO_EMBED_STEPS,
+                   help=f"embedding steps (default {DEMO_EMBED_STEPS}, so that the demo takes 4 to 5 minutes on a "
+                        f"2-core CPU; 1400 left the key image near the decoding limit; the library's default is "
+                        f"{DEFAULT_EMBED_STEPS})")
     d.add_argument("--samples", type=int, help="LIME samples per trigger image (default: 1000 per slice, 4000 "
                    "on the key image alone)")
     d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import DEMO_EMBED_STEPS
 from .data import DEFAULT_INTENSITY, load_dataset
 from .embed import EmbedConfig
 from .errors import InputError
@@ -28,14 +29,12 @@ DEMO_PAYLOAD = "SM:DEMO-0001"
 # on key-blended slices but, for about one key in four measured, not on the key image (README "How it
 # works"); `stealthmark demo --random-key` draws a fresh secret key instead.
 DEMO_KEY_SEED = 726934871
-# The demo embeds with more steps than the library's default (1800), as many as fit in 5 minutes on a 2-core CPU:
-# with the clean-batch augmentation the QR is weaker at 1500 steps (two threads: 94.7% / 93.3%, a FAIL); measured
-# from a clean clone with the demo key, 2200 steps: key image 98.1%, held-out slices 96.2% (both owned), held-out
-# flips 0.394%, total 290 s (benchmarks/results/key_specificity/demo_final_2200.log; session 6: 298 s, of it
-# embedding 254 s, demo_2200_stages.log). 2000 steps: 93.3% on both inputs, a FAIL (demo_2000.log). Session 7, with
-# training in channels_last on the CPU: 100% / 99.5%, flips 0.372%, 241 s from a clean clone (embedding 201 s;
-# demo_clean_clone_session7.log).
-DEMO_EMBED_STEPS = 2200
+# DEMO_EMBED_STEPS, the demo's embedding steps: fewer than the library's default (1800), so that the demo
+# fits in 5 minutes on a 2-core CPU. With per-cell decoys (EmbedConfig.per_cell_decoys, the default), on one machine back to back
+# (benchmarks/results/key_specificity/demo_session13_*.log): 1600 steps read 98.1% / 98.1% on the key image
+# and the held-out slices (both owned), flips 0.398%, total 281 s; 1400 steps 95.7% / 98.6%, 238 s (owned, but
+# the key image near the decoding limit); the earlier recipe without them needed 2200 steps (2000: 93.3%, a
+# FAIL, demo_2000.log) and took 361 s on the same machine (100% / 100%).
 
 
 @dataclass

@@ -332,16 +332,15 @@ def _benchmark():
 def test_models_benchmark_smoke(tmp_path, capsys):
     bench = _benchmark()
     out = tmp_path / "models.json"
-    assert bench.main(["--smoke", "--archs", "SamViT", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--archs", "SamViT", "--no-per-cell-decoys", "--out", str(out)]) == 0
     assert [r["arch"] for r in json.loads(out.read_text())["records"]] == ["SamViT"]
     # keeps SamViT's record; the settings the two records do not share are left to each record
-    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge", "--embed-steps", "4",
-                       "--per-cell-decoys"]) == 0
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge", "--embed-steps", "4"]) == 0
     doc = json.loads(out.read_text())
     records = doc["records"]
     assert [r["arch"] for r in records] == ["UNet", "SamViT"]
     assert [r["settings"]["embed_steps"] for r in records] == [4, 3]
-    assert [r["settings"].get("per_cell_decoys") for r in records] == [True, None]   # absent: off
+    assert [r["settings"]["per_cell_decoys"] for r in records] == [True, False]   # the library's default: on
     assert doc["settings"]["per_record"] == ["embed_steps", "per_cell_decoys"] and "embed_steps" not in doc["settings"]
     # records are kept per (architecture, size): a UNet record of another size stays beside a new UNet run
     doc["records"][0]["size"] = "small"

@@ -317,7 +317,7 @@ def test_volume3d_benchmark_smoke(tmp_path, capsys, one_torch_thread):
     out = tmp_path / "volume3d.json"
     assert bench.main(["--smoke", "--mode", "blended", "--tag", "a", "--out", str(out)]) == 0
     assert bench.main(["--smoke", "--tag", "b", "--per-cell-decoys", "--out", str(out)]) == 0
-    assert bench.main(["--smoke", "--tag", "a", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--tag", "a", "--no-per-cell-decoys", "--out", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
     assert [(r["tag"], r["mode"]) for r in records] == [("b", "key-image"), ("a", "key-image")]
     assert [r["per_cell_decoys"] for r in records] == [True, False]

@@ -12,7 +12,7 @@ Measures what the embedding/verification issue asks for, on a 2-core CPU by defa
 - verification of the whole 62-slice sample volume (default slice choice) and its time.
 
 Usage: .venv/bin/python benchmarks/effectiveness.py [--out benchmarks/results/effectiveness.json] [--quick]
-       [--skip-demo] [--embed-steps N] [--keep-trigger-masks] [--per-cell-decoys] [--lr X]
+       [--skip-demo] [--embed-steps N] [--keep-trigger-masks] [--[no-]per-cell-decoys] [--lr X]
 (the last four: another embedding recipe, e.g. the one that keeps the key image's mask; all are recorded)
 """
 
@@ -59,8 +59,9 @@ def main() -> None:
     ap.add_argument("--embed-steps", type=int, help=f"embedding steps (default {DEFAULT_EMBED_STEPS}; 300 with --quick)")
     ap.add_argument("--keep-trigger-masks", action="store_true",
                     help="embed with EmbedConfig.keep_trigger_masks (stealthmark embed --keep-trigger-masks)")
-    ap.add_argument("--per-cell-decoys", action="store_true",
-                    help="embed with EmbedConfig.per_cell_decoys (decoys with a random tile in every cell)")
+    ap.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=EmbedConfig.per_cell_decoys,
+                    help="decoys with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
+                         f"{'on' if EmbedConfig.per_cell_decoys else 'off'}, the library's)")
     ap.add_argument("--lr", type=float, help="embedding learning rate (default EmbedConfig's)")
     a = ap.parse_args()
     if a.embed_steps is not None and a.embed_steps < 1:

@@ -17,10 +17,11 @@ default tile (4 px at 128 px); clean models train 300 steps with batch 8; verifi
 verifier's default sample counts.
 
 Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--size standard|small] [--trials 10]
-       [--embed-steps N] [--per-cell-decoys] [--out FILE] [--merge] [--threads N] [--smoke]
+       [--embed-steps N] [--[no-]per-cell-decoys] [--out FILE] [--merge] [--threads N] [--smoke]
 (``--size small``: the transformers' CPU-sized configurations of architectures.py; each record names its
-``size`` and ``network_args``. ``--per-cell-decoys``: EmbedConfig.per_cell_decoys, named in the record's
-``settings``; a record without it was measured with the option off.)
+``size`` and ``network_args``. ``--[no-]per-cell-decoys``: EmbedConfig.per_cell_decoys, the library's
+default unless given, named in the record's ``settings``; a record without it was measured with the option
+off, before it became the default.)
 (``--smoke``: tiny networks at 64 px and a few steps, for the test suite; its figures mean nothing.)
 ``--merge`` keeps the records of the architectures not run now from an existing ``--out`` file (each record
 names its own device), so that CPU and GPU runs can fill one file. The file is rewritten (atomically) after
@@ -88,7 +89,7 @@ def bench_arch(arch: str, s: dict, ds, key, key_path: Path, tmp: Path, device: s
     emb = run_embed(clean_path, t1, key_path, tmp / f"{arch}-wm.ts", labels=mask, label=SAMPLE_LABEL,
                     steps=s["embed_steps"], device=device, config=EmbedConfig(steps=s["embed_steps"], clean_batch=batch, trigger_batch=batch,
                                        key_images_per_batch=min(2, batch), decoys_per_batch=min(4, batch),
-                                       per_cell_decoys=s.get("per_cell_decoys", False)))
+                                       per_cell_decoys=s["per_cell_decoys"]))
     wm = load_model(tmp / f"{arch}-wm.ts", device=device)
     held = sample_split().held_out
     rng = np.random.default_rng(0)
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
     ap.add_argument("--embed-steps", type=int,
                     help=f"embedding steps (default the library's, {DEFAULT_EMBED_STEPS}); each record keeps its settings")
-    ap.add_argument("--per-cell-decoys", action="store_true",
-                    help="decoy images with a random tile in every cell (EmbedConfig.per_cell_decoys)")
+    ap.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=EmbedConfig.per_cell_decoys,
+                    help="decoy images with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
+                         f"{'on' if EmbedConfig.per_cell_decoys else 'off'}, the library's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
     ap.add_argument("--merge", action="store_true",
@@ -143,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.embed_steps < 1:
                 raise StealthMarkError("--embed-steps must be at least 1")
             s["embed_steps"] = a.embed_steps
-        if a.per_cell_decoys:
-            s["per_cell_decoys"] = True
+        s["per_cell_decoys"] = a.per_cell_decoys
         dev = resolve_device(a.device)
         kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs]) if a.merge else []
     except StealthMarkError as exc:

@@ -18,7 +18,7 @@ sliding-window inferer).
 
 Usage: .venv/bin/python -u benchmarks/volume3d.py [--tag NAME] [--roi 8,64,64] [--channels 8,16,32]
        [--res-units 1] [--tile 3] [--mode key-image|blended] [--steps 1500] [--batch small|default]
-       [--clean-steps 100] [--samples N] [--trials 4] [--per-cell-decoys] [--device auto] [--threads N]
+       [--clean-steps 100] [--samples N] [--trials 4] [--[no-]per-cell-decoys] [--device auto] [--threads N]
        [--out FILE] [--smoke]
 
 The defaults are the best CPU row of README's table (64 px, UNet (8,16,32), 3 px tile, 1500 steps of the
@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: at most 2; 1 with --smoke)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/volume3d.json"))
-    ap.add_argument("--per-cell-decoys", action="store_true",
-                    help="decoy slabs with a random tile in every cell (EmbedConfig.per_cell_decoys)")
+    ap.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=EmbedConfig.per_cell_decoys,
+                    help="decoy slabs with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
+                         f"{'on' if EmbedConfig.per_cell_decoys else 'off'}, the library's)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and a few steps (for the test suite)")
     a = ap.parse_args(argv)
     try:
