@@ -69,7 +69,11 @@ def test_keygen_tile_option(tmp_path):
     assert not (tmp_path / "k2.json").exists()
 
 
-def test_channels_last_training_gives_the_same_model_in_the_usual_layout(one_torch_thread, monkeypatch):
+# Adam turns rounding-level gradient differences into small weight differences, not into other models. Measured
+# after these 4 steps on random data: under 1e-3 without per-cell decoys, at most 2.9e-3 with them (the default).
+@pytest.mark.parametrize("per_cell_decoys, tolerance", [(False, 1e-3), (True, 1e-2)])
+def test_channels_last_training_gives_the_same_model_in_the_usual_layout(one_torch_thread, monkeypatch,
+                                                                         per_cell_decoys, tolerance):
     """On the CPU, 2-D training runs in channels_last (faster there): the same arithmetic as the default layout,
     so a few steps give the same weights to float rounding, and the model comes back in the usual layout."""
     import StealthMarkLib.embed as embed_mod
@@ -84,7 +88,8 @@ def test_channels_last_training_gives_the_same_model_in_the_usual_layout(one_tor
     images = rng.random((6, 64, 64), dtype=np.float32)
     masks = (images > 0.5).astype(np.int64)
     key = create_key("SM:T", seed=5, tile=3)
-    cfg = EmbedConfig(steps=4, clean_batch=2, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1)
+    cfg = EmbedConfig(steps=4, clean_batch=2, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1,
+                      per_cell_decoys=per_cell_decoys)
 
     def run():
         model = train_segmentation(spec, images, masks, steps=4, batch=2, seed=0, device="cpu")
@@ -101,8 +106,6 @@ def test_channels_last_training_gives_the_same_model_in_the_usual_layout(one_tor
             assert t.is_contiguous(), f"{name} is not in the usual layout"
         with torch.no_grad():
             pa, pb = torch.softmax(a.eval()(x), 1), torch.softmax(b.eval()(x), 1)
-        # Adam turns rounding-level gradient differences into small weight differences, not into other models
-        # (measured: at most 2.9e-3 on this random data with per-cell decoys, the default; under 1e-3 without)
-        assert float((pa - pb).abs().max()) < 1e-2
+        assert float((pa - pb).abs().max()) < tolerance
     with torch.no_grad():
         assert float((torch.softmax(wm_cl(x), 1) - torch.softmax(clean_cl(x), 1)).abs().max()) > 0.02  # it trained

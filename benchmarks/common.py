@@ -79,6 +79,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_per_cell_decoys_argument(p: argparse.ArgumentParser, decoys: str = "decoy images") -> None:
+    """``--[no-]per-cell-decoys`` (EmbedConfig.per_cell_decoys), defaulting to the library's setting."""
+    from StealthMarkLib.embed import EmbedConfig
+    on = EmbedConfig.per_cell_decoys
+    p.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=on,
+                   help=f"{decoys} with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
+                        f"{'on' if on else 'off'}, the library's)")
+
+
 @dataclass
 class Settings:
     smoke: bool

@@ -33,6 +33,7 @@ import torch
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
@@ -44,6 +45,7 @@ from StealthMarkLib.sample_data import SAMPLE_LABEL, sample_paths, sample_split 
 from StealthMarkLib.train import demo_spec, train_segmentation  # noqa: E402
 from StealthMarkLib.verify import null_band, verify_query  # noqa: E402
 from StealthMarkLib.workflows import run_embed, run_verify, volume_trigger_input  # noqa: E402
+import common as C  # noqa: E402
 
 
 def brief(r) -> dict:
@@ -59,9 +61,7 @@ def main() -> None:
     ap.add_argument("--embed-steps", type=int, help=f"embedding steps (default {DEFAULT_EMBED_STEPS}; 300 with --quick)")
     ap.add_argument("--keep-trigger-masks", action="store_true",
                     help="embed with EmbedConfig.keep_trigger_masks (stealthmark embed --keep-trigger-masks)")
-    ap.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=EmbedConfig.per_cell_decoys,
-                    help="decoys with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
-                         f"{'on' if EmbedConfig.per_cell_decoys else 'off'}, the library's)")
+    C.add_per_cell_decoys_argument(ap, "decoy images")
     ap.add_argument("--lr", type=float, help="embedding learning rate (default EmbedConfig's)")
     a = ap.parse_args()
     if a.embed_steps is not None and a.embed_steps < 1:

@@ -44,6 +44,7 @@ import torch
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.architectures import ARCHITECTURES, SIZES, architecture_spec  # noqa: E402
@@ -58,6 +59,7 @@ from StealthMarkLib.train import train_segmentation  # noqa: E402
 from StealthMarkLib.trigger import TriggerOverlay  # noqa: E402
 from StealthMarkLib.verify import verify_query  # noqa: E402
 from StealthMarkLib.workflows import run_embed, volume_trigger_input  # noqa: E402
+import common as C  # noqa: E402
 
 FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": DEFAULT_EMBED_STEPS, "samples": None,
         "trials": 10}
@@ -122,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
     ap.add_argument("--embed-steps", type=int,
                     help=f"embedding steps (default the library's, {DEFAULT_EMBED_STEPS}); each record keeps its settings")
-    ap.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=EmbedConfig.per_cell_decoys,
-                    help="decoy images with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
-                         f"{'on' if EmbedConfig.per_cell_decoys else 'off'}, the library's)")
+    C.add_per_cell_decoys_argument(ap, "decoy images")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
     ap.add_argument("--merge", action="store_true",

@@ -44,6 +44,7 @@ import torch
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from StealthMarkLib.embed import EmbedConfig  # noqa: E402
 from StealthMarkLib.errors import StealthMarkError  # noqa: E402
@@ -54,6 +55,7 @@ from StealthMarkLib.sample_data import SAMPLE_INTENSITY, SAMPLE_LABEL, sample_pa
 from StealthMarkLib.train import train_segmentation  # noqa: E402
 from StealthMarkLib.volume3d import load_slabs  # noqa: E402
 from StealthMarkLib.workflows import run_embed, run_verify  # noqa: E402
+import common as C  # noqa: E402
 
 #: published benchmark keys: never use them for a real model
 PAYLOAD, KEY_SEED, WRONG_SEED = "SM:3D-BENCH", 20261128, 5000
@@ -143,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: at most 2; 1 with --smoke)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/volume3d.json"))
-    ap.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=EmbedConfig.per_cell_decoys,
-                    help="decoy slabs with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
-                         f"{'on' if EmbedConfig.per_cell_decoys else 'off'}, the library's)")
+    C.add_per_cell_decoys_argument(ap, "decoy slabs")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and a few steps (for the test suite)")
     a = ap.parse_args(argv)
     try:
