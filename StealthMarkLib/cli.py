@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trigger images (the key image, key-blended slices) keep the mask the original gives them "
                         "instead of an empty one; learns more slowly: after 5400 steps the key image decoded in 10 "
                         "of 10 trials, key-blended slices in 0 of 10 (README 'How it works')")
+    e.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=None,
+                   help="decoy images with a random tile in every cell (the default); --no-per-cell-decoys: one "
+                        "random other secret tile in all dark cells, the earlier recipe, which the SamViT "
+                        "record of benchmarks/results/models.json was measured with (README 'Architectures')")
     _method_opt(e)
     _model_opts(e)
     _common(e)
@@ -214,6 +218,14 @@ def _label(v: str | None) -> int | str | None:
         raise InputError(f"--label must be a number or 'any', not {v!r}") from None
 
 
+def _embed_config(args: argparse.Namespace):
+    """The EmbedConfig of 'embed': the library's defaults, with --keep-trigger-masks / --[no-]per-cell-decoys."""
+    from .embed import EmbedConfig
+
+    pcd = {} if args.per_cell_decoys is None else {"per_cell_decoys": args.per_cell_decoys}
+    return EmbedConfig(keep_trigger_masks=args.keep_trigger_masks, **pcd)
+
+
 def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | None, str, int]:
     """Run one command; returns (result for JSON, text for the terminal, exit code); the result is None on
     the ranks other than 0 of a distributed embedding, which report nothing."""
@@ -224,9 +236,11 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
         raise InputError("under torchrun only 'embed' (with --method stealthmark) runs distributed: run "
                          f"'{args.command}' as one process")
     if getattr(args, "method", "stealthmark") != "stealthmark":
-        if getattr(args, "keep_trigger_masks", False):
-            raise InputError("--keep-trigger-masks is for --method stealthmark; the baselines train their own "
-                             "trigger targets")
+        recipe = {"--keep-trigger-masks": getattr(args, "keep_trigger_masks", False),
+                  "--per-cell-decoys": getattr(args, "per_cell_decoys", None) is True,
+                  "--no-per-cell-decoys": getattr(args, "per_cell_decoys", None) is False}
+        for flag in (f for f, given in recipe.items() if given):
+            raise InputError(f"{flag} is for --method stealthmark; the baselines train their own trigger targets")
         if getattr(args, "null_keys", 0):
             raise InputError("--null-keys is for --method stealthmark")
         from .baselines import run_from_args
@@ -245,7 +259,7 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
         r = wf.run_embed(args.model, args.data, args.key, args.out, labels=args.labels, label=_label(args.label),
                          spec=args.spec, steps=args.steps, device=args.device, logits=args.logits,
                          image_size=_pair(args.image_size), progress=progress,
-                         config=wf.EmbedConfig(keep_trigger_masks=True) if args.keep_trigger_masks else None)
+                         config=_embed_config(args))
         if r is None:   # another rank of a distributed run: rank 0 reports
             return None, "", 0
         h = r.harmlessness

@@ -113,12 +113,23 @@ def test_keep_trigger_masks_reaches_the_training_settings(world):
     assert "key_image" in json.loads((world["tmp"] / "keep.harmlessness.json").read_text())
 
 
-def test_keep_trigger_masks_is_refused_for_a_baseline(world, capsys):
+def test_no_per_cell_decoys_reaches_the_training_settings(world):
+    """--no-per-cell-decoys (the earlier recipe) is recorded in the metadata; the default run's says True."""
+    out = world["tmp"] / "one-decoy-tile.ts"
+    assert cli("embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"], "--label", "any",
+               "--key", world["key"], "--out", out, "--steps", 2, "--device", "cpu", "--no-per-cell-decoys") == 0
+    training = load_model(out, device="cpu").spec.metadata["stealthmark"]["training"]["config"]
+    assert training["per_cell_decoys"] is False and training["keep_trigger_masks"] is False
+    default = load_model(world["wm"], device="cpu").spec.metadata["stealthmark"]["training"]["config"]
+    assert default["per_cell_decoys"] is True
+
+
+@pytest.mark.parametrize("flag", ["--keep-trigger-masks", "--no-per-cell-decoys", "--per-cell-decoys"])
+def test_recipe_options_are_refused_for_a_baseline(world, capsys, flag):
     out = world["tmp"] / "keep-badnets.ts"
     rc, msg = err(capsys, "embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"],
-                  "--label", "any", "--key", world["key"], "--out", out, "--steps", "1", "--method", "badnets",
-                  "--keep-trigger-masks")
-    assert rc == 2 and "--keep-trigger-masks is for --method stealthmark" in msg and not out.exists()
+                  "--label", "any", "--key", world["key"], "--out", out, "--steps", "1", "--method", "badnets", flag)
+    assert rc == 2 and f"{flag} is for --method stealthmark" in msg and not out.exists()
 
 
 def test_null_keys_set_the_agreement_against_random_keys(world, capsys):
