@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trigger images (the key image, key-blended slices) keep the mask the original gives them "
                         "instead of an empty one; learns more slowly: after 5400 steps the key image decoded in 10 "
                         "of 10 trials, key-blended slices in 0 of 10 (README 'How it works')")
+    e.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images (slabs for a 3-D model) a step: N clean and N trigger inputs, N/2 decoys (default "
+                        "8); lower it when memory runs out, e.g. 4 for the 3-D UNet of README '3-D models'")
     e.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=None,
                    help="decoy images with a random tile in every cell (the default); --no-per-cell-decoys: one "
                         "random other secret tile in all dark cells, the earlier recipe, which the SamViT "
@@ -219,11 +222,15 @@ def _label(v: str | None) -> int | str | None:
 
 
 def _embed_config(args: argparse.Namespace):
-    """The EmbedConfig of 'embed': the library's defaults, with --keep-trigger-masks / --[no-]per-cell-decoys."""
-    from .embed import EmbedConfig
+    """The EmbedConfig of 'embed': the library's defaults, with --keep-trigger-masks, --[no-]per-cell-decoys and
+    --batch-size."""
+    from .embed import EmbedConfig, batch_settings
 
     pcd = {} if args.per_cell_decoys is None else {"per_cell_decoys": args.per_cell_decoys}
-    return EmbedConfig(keep_trigger_masks=args.keep_trigger_masks, **pcd)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    batch = {} if args.batch_size is None else batch_settings(args.batch_size)
+    return EmbedConfig(keep_trigger_masks=args.keep_trigger_masks, **pcd, **batch)
 
 
 def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | None, str, int]:
@@ -238,7 +245,8 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
     if getattr(args, "method", "stealthmark") != "stealthmark":
         recipe = {"--keep-trigger-masks": getattr(args, "keep_trigger_masks", False),
                   "--per-cell-decoys": getattr(args, "per_cell_decoys", None) is True,
-                  "--no-per-cell-decoys": getattr(args, "per_cell_decoys", None) is False}
+                  "--no-per-cell-decoys": getattr(args, "per_cell_decoys", None) is False,
+                  "--batch-size": args.command == "embed" and getattr(args, "batch_size", None) is not None}
         for flag in (f for f, given in recipe.items() if given):
             raise InputError(f"{flag} is for --method stealthmark; the baselines train their own trigger targets")
         if getattr(args, "null_keys", 0):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from StealthMarkLib.embed import EmbedConfig, augment_batch, embed_watermark
+from StealthMarkLib.embed import EmbedConfig, augment_batch, batch_settings, embed_watermark
+from StealthMarkLib.errors import InputError
 from StealthMarkLib.key import create_key
 from StealthMarkLib.models import SegmentationModel, build_network
 from StealthMarkLib.train import demo_spec
@@ -109,3 +110,15 @@ def test_channels_last_training_gives_the_same_model_in_the_usual_layout(one_tor
         assert float((pa - pb).abs().max()) < tolerance
     with torch.no_grad():
         assert float((torch.softmax(wm_cl(x), 1) - torch.softmax(clean_cl(x), 1)).abs().max()) > 0.02  # it trained
+
+
+def test_batch_settings_scale_the_default_batches():
+    """stealthmark embed --batch-size N: 8 is the default recipe's batches; every part keeps at least one input."""
+    d = EmbedConfig()
+    assert batch_settings(8) == dict(clean_batch=d.clean_batch, trigger_batch=d.trigger_batch,
+                                     key_images_per_batch=d.key_images_per_batch, decoys_per_batch=d.decoys_per_batch)
+    assert batch_settings(1) == dict(clean_batch=1, trigger_batch=1, key_images_per_batch=1, decoys_per_batch=1)
+    assert batch_settings(16)["decoys_per_batch"] == 8
+    for bad in (0, -2, 2.5, True, "4"):
+        with pytest.raises(InputError, match="positive integer"):
+            batch_settings(bad)

@@ -20,6 +20,7 @@ from StealthMarkLib import DEFAULT_EMBED_STEPS
 from StealthMarkLib.cli import main
 from StealthMarkLib.data import load_dataset
 from StealthMarkLib.dicom_export import write_dicom_series
+from StealthMarkLib.embed import batch_settings
 from StealthMarkLib.key import create_key, load_key
 from StealthMarkLib.models import load_model, save_model
 from StealthMarkLib.sample_data import sample_paths
@@ -124,12 +125,30 @@ def test_no_per_cell_decoys_reaches_the_training_settings(world):
     assert default["per_cell_decoys"] is True
 
 
-@pytest.mark.parametrize("flag", ["--keep-trigger-masks", "--no-per-cell-decoys", "--per-cell-decoys"])
+def test_batch_size_sets_the_embedding_batches(world, capsys):
+    """--batch-size N: N clean and N trigger inputs a step, N // 4 key images and N // 2 decoys (8: the defaults)."""
+    out = world["tmp"] / "batch4.ts"
+    assert cli("embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"], "--label", "any",
+               "--key", world["key"], "--out", out, "--steps", 2, "--device", "cpu", "--batch-size", 4) == 0
+    training = load_model(out, device="cpu").spec.metadata["stealthmark"]["training"]["config"]
+    assert (training["clean_batch"], training["trigger_batch"], training["key_images_per_batch"],
+            training["decoys_per_batch"]) == (4, 4, 1, 2)
+    default = load_model(world["wm"], device="cpu").spec.metadata["stealthmark"]["training"]["config"]
+    assert {k: default[k] for k in ("clean_batch", "trigger_batch", "key_images_per_batch", "decoys_per_batch")} \
+        == batch_settings(8)
+    bad = world["tmp"] / "batch0.ts"
+    rc, msg = err(capsys, "embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"],
+                  "--label", "any", "--key", world["key"], "--out", bad, "--steps", "1", "--batch-size", "0")
+    assert rc == 2 and "--batch-size must be at least 1" in msg and not bad.exists()
+
+
+@pytest.mark.parametrize("flag", [["--keep-trigger-masks"], ["--no-per-cell-decoys"], ["--per-cell-decoys"],
+                                  ["--batch-size", "4"]])
 def test_recipe_options_are_refused_for_a_baseline(world, capsys, flag):
     out = world["tmp"] / "keep-badnets.ts"
     rc, msg = err(capsys, "embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"],
-                  "--label", "any", "--key", world["key"], "--out", out, "--steps", "1", "--method", "badnets", flag)
-    assert rc == 2 and f"{flag} is for --method stealthmark" in msg and not out.exists()
+                  "--label", "any", "--key", world["key"], "--out", out, "--steps", "1", "--method", "badnets", *flag)
+    assert rc == 2 and f"{flag[0]} is for --method stealthmark" in msg and not out.exists()
 
 
 def test_null_keys_set_the_agreement_against_random_keys(world, capsys):

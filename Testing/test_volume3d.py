@@ -318,7 +318,11 @@ def test_volume3d_benchmark_smoke(tmp_path, capsys, one_torch_thread):
     assert bench.main(["--smoke", "--mode", "blended", "--tag", "a", "--out", str(out)]) == 0
     assert bench.main(["--smoke", "--tag", "b", "--per-cell-decoys", "--out", str(out)]) == 0
     assert bench.main(["--smoke", "--tag", "a", "--no-per-cell-decoys", "--out", str(out)]) == 0
-    records = json.loads(out.read_text())["records"]
+    assert bench.main(["--smoke", "--batch", "2", "--out", str(out)]) == 0   # stealthmark embed --batch-size 2
+    *records, b2 = json.loads(out.read_text())["records"]
+    assert b2["tag"].endswith("-b2-pcd") and b2["batch_sizes"] == {"clean_batch": 2, "trigger_batch": 2,
+                                                                     "key_images_per_batch": 1, "decoys_per_batch": 1}
+    out.write_text(json.dumps({**json.loads(out.read_text()), "records": records}))
     assert [(r["tag"], r["mode"]) for r in records] == [("b", "key-image"), ("a", "key-image")]
     assert [r["per_cell_decoys"] for r in records] == [True, False]
     r = records[-1]
@@ -330,7 +334,8 @@ def test_volume3d_benchmark_smoke(tmp_path, capsys, one_torch_thread):
     before = out.read_text()
     for bad, msg in ((["--roi", "8,64"], "--roi must be 3 positive integers"),
                      (["--steps", "0"], "--steps must be at least 1"),
-                     (["--channels", "a,b"], "--channels must be comma-separated integers")):
+                     (["--channels", "a,b"], "--channels must be comma-separated integers"),
+                     (["--batch", "0"], "--batch must be small, default or a positive integer")):
         assert bench.main([*bad, "--out", str(out)]) == 2
         assert msg in capsys.readouterr().err
     (tmp_path / "other.json").write_text("[1]")

@@ -16,13 +16,14 @@ the same tag is replaced, the others kept): the settings, ``params``, ``embed_se
 the controls, and the harmlessness figures (held-out slabs, and the whole stack through MONAI's
 sliding-window inferer).
 
-Usage: .venv/bin/python -u benchmarks/volume3d.py [--tag NAME] [--roi 8,64,64] [--channels 8,16,32]
-       [--res-units 1] [--tile 3] [--mode key-image|blended] [--steps 1500] [--batch small|default]
+Usage: .venv/bin/python -u benchmarks/volume3d.py [--tag NAME] [--roi 8,64,64] [--channels 8,16,32,64]
+       [--res-units 2] [--tile 3] [--mode key-image|blended] [--steps 1500] [--batch small|default|N]
        [--clean-steps 100] [--samples N] [--trials 4] [--[no-]per-cell-decoys] [--device auto] [--threads N]
        [--out FILE] [--smoke]
 
-The defaults are the best CPU row of README's table (64 px, UNet (8,16,32), 3 px tile, 1500 steps of the
-small batch: 87.0%, no decode). The next row to measure, on a GPU (benchmarks/gpu_coverage.sh):
+The defaults are the first CPU row that decoded (2026-12-03, per-cell decoys: 64 px, UNet (8,16,32,64) with 2
+residual units, 3 px tile, 1500 steps of the small batch: 4 of 4 key-slab verifications ``owned`` at 100%;
+README "3-D models"). The next row to measure, on a GPU (benchmarks/gpu.sh coverage):
 ``--roi 8,128,128 --channels 8,16,32,64 --res-units 2 --tile 4 --steps 1800 --batch default``, the 2-D
 recipe's model and cells in 3-D. ``--smoke``: a 4 x 48 x 48 UNet (4, 8) and a few steps, for the test suite;
 its figures mean nothing.
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from StealthMarkLib.embed import EmbedConfig  # noqa: E402
+from StealthMarkLib.embed import EmbedConfig, batch_settings  # noqa: E402
 from StealthMarkLib.errors import StealthMarkError  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
@@ -101,7 +102,8 @@ def run(s: dict, device: str, tmp: Path) -> dict:
     clean_path = save_model(clean, tmp / "clean3d.ts", spec)
     key = create_key(PAYLOAD, seed=KEY_SEED, mode=s["mode"], tile=s["tile"]).save(tmp / "key.json")
     wrong = create_key(PAYLOAD, seed=WRONG_SEED, mode=s["mode"], tile=s["tile"]).save(tmp / "wrong.json")
-    cfg = EmbedConfig(steps=s["steps"], per_cell_decoys=s["per_cell_decoys"], **BATCHES[s["batch"]])
+    batch = BATCHES[s["batch"]] if s["batch"] in BATCHES else batch_settings(int(s["batch"]))
+    cfg = EmbedConfig(steps=s["steps"], per_cell_decoys=s["per_cell_decoys"], **batch)
     wm_path = tmp / "wm3d.ts"
     emb = run_embed(clean_path, t1, key, wm_path, labels=mask, label=SAMPLE_LABEL, steps=s["steps"],
                     device=device, config=cfg)
@@ -131,14 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tag", help="the record's name (default: made from the settings)")
     ap.add_argument("--roi", default="8,64,64", help="D,H,W the model is queried on (default 8,64,64)")
-    ap.add_argument("--channels", default="8,16,32", help="UNet channels (default 8,16,32)")
-    ap.add_argument("--res-units", type=int, default=1, help="UNet residual units (default 1)")
+    ap.add_argument("--channels", default="8,16,32,64", help="UNet channels (default 8,16,32,64)")
+    ap.add_argument("--res-units", type=int, default=2, help="UNet residual units (default 2)")
     ap.add_argument("--tile", type=int, default=3, help="the key's secret tile in px (default 3, for 3 px cells)")
     ap.add_argument("--mode", choices=["key-image", "blended"], default="key-image",
                     help="the key's trigger mode (default key-image: verified on the key slab)")
     ap.add_argument("--steps", type=int, default=1500, help="embedding steps (default 1500)")
-    ap.add_argument("--batch", choices=sorted(BATCHES), default="small",
-                    help="slabs a step: small (2 clean, 4 trigger, 2 decoy) or the library's default (8, 8, 4)")
+    ap.add_argument("--batch", default="small",
+                    help="slabs a step: small (2 clean, 4 trigger, 2 decoy), the library's default (8, 8, 4), or N: "
+                         "what 'stealthmark embed --batch-size N' trains with (N, N, N/2)")
     ap.add_argument("--clean-steps", type=int, default=100, help="clean-model training steps (default 100)")
     ap.add_argument("--samples", type=int, help="LIME samples per verification (default: the verifier's)")
     ap.add_argument("--trials", type=int, default=4, help="watermarked verifications (default 4)")
@@ -154,13 +157,16 @@ def main(argv: list[str] | None = None) -> int:
              "samples": a.samples, "trials": a.trials, "per_cell_decoys": a.per_cell_decoys, "smoke": a.smoke}
         if a.smoke:
             s.update(SMOKE)
+        if s["batch"] not in BATCHES and not (s["batch"].isdigit() and int(s["batch"]) >= 1):
+            raise StealthMarkError(f"--batch must be small, default or a positive integer, got {s['batch']!r}")
         for name in ("res_units", "tile", "steps", "clean_steps", "trials"):
             if s[name] < 1:
                 raise StealthMarkError(f"--{name.replace('_', '-')} must be at least 1")
         if s["samples"] is not None and s["samples"] < 10:
             raise StealthMarkError("--samples must be at least 10")
         s["tag"] = a.tag or (f"roi{'x'.join(map(str, s['roi']))}-ch{'-'.join(map(str, s['channels']))}"
-                             f"-res{s['res_units']}-tile{s['tile']}-{s['mode']}-{s['steps']}-{s['batch']}"
+                             f"-res{s['res_units']}-tile{s['tile']}-{s['mode']}-{s['steps']}-"
+                             f"{s['batch'] if s['batch'] in BATCHES else 'b' + s['batch']}"
                              f"{'-pcd' if s['per_cell_decoys'] else ''}")
         out = Path(a.out)
         kept = _kept_records(out, s["tag"])
