@@ -42,7 +42,7 @@ wrong keys 39.4-64.9%, no flatter), pcd0_1800 / pcd1_1800 (session 10, SIDE=0 LR
 model pair; each with *_tile_response.log and *_null_keys.log: README "How it works"), session 11 with
 SIDE=1 PCD=1 SAMPLES=default (the mask kept, per-cell decoys): pcdside1800 / pcdside3000 (LR=3e-3),
 pcdsidecos1800 (the learning rate falling from 3e-3 to 2% of it along a half cosine over the steps, an option
-tried in the library and removed; stopped after wrong2), pcdsidelr6_1800 (LR=6e-3; stopped after wrong1), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+tried in the library and removed; stopped after wrong2), pcdsidelr6_1800 (LR=6e-3; stopped after wrong1), pcdsidefgw3_1800 (session 14, SIDE=1 PCD=1 LR=3e-3: the trigger loss on pixels the original calls foreground weighted 3x, a knob tried in this script and removed: QR 85.6% / 76.9%, key-image mask 5.3% flipped; stopped after wrong3), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
