@@ -354,6 +354,14 @@ def test_models_benchmark_smoke(tmp_path, capsys):
         assert {"arch", "params", "image_size", "asr", "dice_drop_points", "embed_seconds", "device"} <= set(r)
         assert 0.0 <= r["asr"] <= 1.0 and r["params"] > 0 and r["device"].startswith("cpu")
         assert r["image_size"] == [64, 64] and len(r["trials"]) == 1
+    # --network-args: a variant of the network, named in the record
+    variant = tmp_path / "variant.json"
+    assert bench.main(["--smoke", "--archs", "SamViT", "--network-args", '{"image_skip": 8}', "--out", str(variant)]) == 0
+    (r,) = json.loads(variant.read_text())["records"]
+    assert r["network_args"]["image_skip"] == 8 and r["settings"]["network_args"] == {"image_skip": 8}
+    for bad, msg in (("{image_skip: 8}", "--network-args is not JSON"), ("[8]", "--network-args must be a JSON object")):
+        assert bench.main(["--smoke", "--archs", "SamViT", "--network-args", bad, "--out", str(tmp_path / "bad.json")]) == 2
+        assert msg in capsys.readouterr().err
     assert bench.main(["--smoke", "--archs", "ResNet", "--out", str(tmp_path / "bad.json")]) == 2
     assert "unknown architecture(s) ResNet" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
     (tmp_path / "other.json").write_text("[1, 2]")

@@ -17,7 +17,8 @@ default tile (4 px at 128 px); clean models train 300 steps with batch 8; verifi
 verifier's default sample counts.
 
 Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--size standard|small] [--trials 10]
-       [--embed-steps N] [--[no-]per-cell-decoys] [--out FILE] [--merge] [--threads N] [--smoke]
+       [--embed-steps N] [--[no-]per-cell-decoys] [--network-args JSON] [--out FILE] [--merge] [--threads N]
+       [--smoke]
 (``--size small``: the transformers' CPU-sized configurations of architectures.py; each record names its
 ``size`` and ``network_args``. ``--[no-]per-cell-decoys``: EmbedConfig.per_cell_decoys, the library's
 default unless given, named in the record's ``settings``; a record without it was measured with the option
@@ -82,6 +83,7 @@ def bench_arch(arch: str, s: dict, ds, key, key_path: Path, tmp: Path, device: s
     t1, mask = sample_paths()
     size = s["image_size"]
     spec = architecture_spec(arch, s["size"], size, intensity=DEFAULT_INTENSITY.to_json())
+    spec.args.update(s.get("network_args") or {})          # --network-args: a variant of the size's network
     params = sum(p.numel() for p in build_network(spec).parameters())
     t0 = time.monotonic()
     batch = s.get("batch", 8)
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-steps", type=int,
                     help=f"embedding steps (default the library's, {DEFAULT_EMBED_STEPS}); each record keeps its settings")
     C.add_per_cell_decoys_argument(ap, "decoy images")
+    ap.add_argument("--network-args", metavar="JSON",
+                    help='arguments to change in the network of each architecture, e.g. \'{"image_skip": 32}\' '
+                         "(recorded in settings and network_args; give another --out for such variants)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
     ap.add_argument("--merge", action="store_true",
@@ -146,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise StealthMarkError("--embed-steps must be at least 1")
             s["embed_steps"] = a.embed_steps
         s["per_cell_decoys"] = a.per_cell_decoys
+        if a.network_args:
+            try:
+                s["network_args"] = json.loads(a.network_args)
+            except json.JSONDecodeError as exc:
+                raise StealthMarkError(f"--network-args is not JSON: {exc}") from None
+            if not isinstance(s["network_args"], dict):
+                raise StealthMarkError("--network-args must be a JSON object, e.g. '{\"image_skip\": 32}'")
         dev = resolve_device(a.device)
         kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs]) if a.merge else []
     except StealthMarkError as exc:
