@@ -30,7 +30,8 @@ DEMO_PAYLOAD = "SM:DEMO-0001"
 # works"); `stealthmark demo --random-key` draws a fresh secret key instead.
 DEMO_KEY_SEED = 726934871
 # DEMO_EMBED_STEPS, the demo's embedding steps: fewer than the library's default (1800), so that the demo
-# fits in 5 minutes on a 2-core CPU (one run took 303 s). With per-cell decoys (EmbedConfig.per_cell_decoys,
+# fits in 5 minutes on a 2-core CPU (one run took 303 s; a clean clone 306 s, and 285 s once the teacher's
+# answers were cached, demo_session14_teacher_cache.log). With per-cell decoys (EmbedConfig.per_cell_decoys,
 # the default), on one machine back to back (benchmarks/results/key_specificity/demo_session13_*.log): 1600 steps read 98.1% / 98.1% on the key image
 # and the held-out slices (both owned), flips 0.398%, total 281 s; 1400 steps 95.7% / 98.6%, 238 s (owned, but
 # the key image near the decoding limit); the earlier recipe without them needed 2200 steps (2000: 93.3%, a

@@ -288,21 +288,44 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
                       f"{images.shape[-1]} input gives {cell} px cells: the watermark learns slowly or not at all; "
                       f"make the key with 'stealthmark keygen --tile {cell}'", RuntimeWarning, stacklevel=2)
     rng = distributed.rank_rng(cfg.seed)          # np.random.default_rng(cfg.seed) in one process
+    teacher_rows = teacher_probabilities(model, images)
 
-    def clean_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    def clean_batch() -> tuple[torch.Tensor, ...]:
         idx = rng.integers(0, len(images), cfg.clean_batch)
         x = to_channels(torch.as_tensor(images[idx], device=device), model.in_channels)
-        return x, torch.as_tensor(masks[idx], device=device)
+        y = torch.as_tensor(masks[idx], device=device)
+        return (x, y) if teacher_rows is None else (x, y, teacher_rows[torch.as_tensor(idx, device=device)])
 
     triggers = TriggerBatches(key, overlay, images, cfg, rng, model.in_channels, device)
     return fine_tune(model, key, cfg, clean_batch, triggers, progress)
 
 
+#: the most memory (bytes) the original's probabilities on all training images may take to be computed once
+TEACHER_CACHE_BYTES = 256 * 2 ** 20
+
+
+def teacher_probabilities(model: SegmentationModel, images: np.ndarray, batch: int = 16) -> torch.Tensor | None:
+    """The frozen original's probabilities on every training image, computed once: the distillation targets
+    of each clean batch's un-warped images, which would otherwise cost a teacher pass every step (measured
+    on the demo: about 10 ms of a 150 ms step). None when they would take more than TEACHER_CACHE_BYTES."""
+    n_bytes = len(images) * model.num_classes * int(np.prod(images.shape[-model.spatial_dims:])) * 4
+    if n_bytes > TEACHER_CACHE_BYTES:
+        return None
+    model.module.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_channels(torch.as_tensor(images[i:i + batch], device=model.device), model.in_channels)
+            out.append(model.forward_train(x))
+    return torch.cat(out)
+
+
 def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
-              clean_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], triggers: TriggerBatches,
+              clean_batch: Callable[[], tuple[torch.Tensor, ...]], triggers: TriggerBatches,
               progress: Progress) -> tuple[torch.nn.Module, EmbedLog]:
     """The embedding loop shared by 2-D images and 3-D slabs: ``clean_batch()`` gives model inputs and
-    their ground-truth labels, ``triggers.draw()`` masked trigger inputs (see :class:`TriggerBatches`)."""
+    their ground-truth labels, and optionally the original's probabilities on those inputs (see
+    :func:`teacher_probabilities`); ``triggers.draw()`` masked trigger inputs (see :class:`TriggerBatches`)."""
     device = model.device
     torch.manual_seed(distributed.rank_seed(cfg.seed))
     aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed) + 1)
@@ -321,7 +344,7 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
     progress.start("embed", cfg.steps)
     try:
         for step in range(cfg.steps):
-            x, y = clean_batch()
+            x, y, *cached = clean_batch()
             n_aug = int(round(float(cfg.augment_clean) * len(x))) if x.ndim == 4 else 0  # 3-D slabs: not warped
             if n_aug:
                 xa, ya = augment_batch(x[:n_aug], y[:n_aug], aug_gen)
@@ -330,7 +353,10 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
             if fmt is not None:
                 x, xt, xt_full = (t.contiguous(memory_format=fmt) for t in (x, xt, xt_full))
             with torch.no_grad():
-                t_clean = model.forward_train(x)
+                if not cached:
+                    t_clean = model.forward_train(x)
+                else:   # the warped images are new each step; the others' teacher answer is known
+                    t_clean = torch.cat([model.forward_train(x[:n_aug]), cached[0][n_aug:]]) if n_aug else cached[0]
                 side = model.forward_train(xt_full).argmax(1) if cfg.keep_trigger_masks else None
             out = trainee.forward_train(torch.cat([x, xt]))
             p_clean, p_trig = out[:len(x)], out[len(x):]

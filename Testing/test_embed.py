@@ -122,3 +122,33 @@ def test_batch_settings_scale_the_default_batches():
     for bad in (0, -2, 2.5, True, "4"):
         with pytest.raises(InputError, match="positive integer"):
             batch_settings(bad)
+
+
+def test_cached_teacher_answers_are_the_ones_a_teacher_pass_gives(one_torch_thread, monkeypatch):
+    """The original's probabilities on the training images are computed once: every step's distillation
+    targets are then those a teacher pass on that step's clean batch gives (to float rounding), and with the
+    cache too large to keep (TEACHER_CACHE_BYTES) the teacher runs every step as before."""
+    import StealthMarkLib.embed as embed_mod
+    from StealthMarkLib.train import train_segmentation
+
+    spec = demo_spec((4, 8, 16), 64)
+    rng = np.random.default_rng(1)
+    images = rng.random((6, 64, 64), dtype=np.float32)
+    masks = (images > 0.5).astype(np.int64)
+    key = create_key("SM:T", seed=5, tile=3)
+    cfg = EmbedConfig(steps=3, clean_batch=4, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1)
+    model = train_segmentation(spec, images, masks, steps=2, batch=2, seed=0, device="cpu")
+    seen = []
+    kl = embed_mod.kl_to_teacher
+    monkeypatch.setattr(embed_mod, "kl_to_teacher", lambda p, t: seen.append(t.clone()) or kl(p, t))
+    passes = []
+    real = embed_mod.teacher_probabilities
+    monkeypatch.setattr(embed_mod, "teacher_probabilities", lambda m, x: passes.append(len(x)) or real(m, x))
+    embed_watermark(model, key, images, masks, cfg)
+    cached, seen[:] = list(seen), []
+    monkeypatch.setattr(embed_mod, "TEACHER_CACHE_BYTES", 0)
+    assert real(model, images) is None
+    embed_watermark(model, key, images, masks, cfg)
+    assert passes == [6, 6] and len(cached) == len(seen) == 3
+    for a, b in zip(cached, seen):
+        assert a.shape == b.shape == (4, 2, 64, 64) and float((a - b).abs().max()) < 1e-5
