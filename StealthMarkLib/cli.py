@@ -227,9 +227,7 @@ def _embed_config(args: argparse.Namespace):
     from .embed import EmbedConfig, batch_settings
 
     pcd = {} if args.per_cell_decoys is None else {"per_cell_decoys": args.per_cell_decoys}
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    batch = {} if args.batch_size is None else batch_settings(args.batch_size)
+    batch = {} if args.batch_size is None else batch_settings(args.batch_size, "--batch-size")
     return EmbedConfig(keep_trigger_masks=args.keep_trigger_masks, **pcd, **batch)
 
 

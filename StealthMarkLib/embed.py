@@ -82,12 +82,12 @@ class EmbedConfig:
         return asdict(self)
 
 
-def batch_settings(n: int) -> dict[str, int]:
+def batch_settings(n: int, name: str = "the embedding batch size") -> dict[str, int]:
     """The EmbedConfig batch fields of ``stealthmark embed --batch-size N``: N clean and N trigger images (or
     slabs) a step, N // 4 of the trigger batch the plain key image and N // 2 decoys (each at least 1); N = 8
     gives the defaults. Smaller N: less memory and faster steps, a noisier gradient."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError(f"the embedding batch size must be a positive integer, got {n!r}")
+        raise InputError(f"{name} must be at least 1 (a positive integer), got {n!r}")
     return dict(clean_batch=n, trigger_batch=n, key_images_per_batch=max(1, n // 4), decoys_per_batch=max(1, n // 2))
 
 
