@@ -170,6 +170,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _conv_stack(channels: Sequence[int]) -> list[nn.Module]:
+    """3x3 convolutions from channels[0] through each next count, each followed by a GELU."""
+    layers: list[nn.Module] = []
+    for a, b in zip(channels[:-1], channels[1:]):
+        layers += [nn.Conv2d(a, b, 3, padding=1), nn.GELU()]
+    return layers
+
+
 class SamViT(nn.Module):
     """SAM ViT image encoder + upsampling segmentation head: (B, C, H, W) -> (B, K, H, W) class logits.
 
@@ -182,7 +190,7 @@ class SamViT(nn.Module):
                  depth: int | None = None, num_heads: int | None = None, window_size: int | None = None,
                  global_attn_indexes: Sequence[int] | None = None, neck_channels: int | None = None,
                  decoder_channels: Sequence[int] | None = None, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, image_skip: int = 0) -> None:
+                 qkv_bias: bool = True, image_skip: int = 0, skip_depth: int = 2, fuse_depth: int = 1) -> None:
         super().__init__()
         if config not in CONFIGS:
             raise ValueError(f"unknown SamViT config {config!r}; choose one of {', '.join(CONFIGS)}")
@@ -201,6 +209,8 @@ class SamViT(nn.Module):
             raise ValueError(f"global_attn_indexes {list(c['global_attn_indexes'])} must lie in 0..{c['depth'] - 1}")
         if int(image_skip) < 0:
             raise ValueError(f"image_skip {image_skip!r} must be 0 (no full-resolution path) or a channel count")
+        if int(skip_depth) < 1 or int(fuse_depth) < 1:
+            raise ValueError(f"skip_depth {skip_depth!r} and fuse_depth {fuse_depth!r} must be at least 1 (convolutions)")
         if len(c["decoder_channels"]) != int(math.log2(PATCH_SIZE)):
             raise ValueError(f"decoder_channels needs {int(math.log2(PATCH_SIZE))} entries (one per 2x upsampling)")
         grid = (size[0] // PATCH_SIZE, size[1] // PATCH_SIZE)
@@ -230,9 +240,8 @@ class SamViT(nn.Module):
         self.fuse: nn.Module = nn.Identity()
         if self.image_skip:
             sc = self.image_skip
-            self.skip = nn.Sequential(nn.Conv2d(in_channels, sc, 3, padding=1), nn.GELU(),
-                                      nn.Conv2d(sc, sc, 3, padding=1), nn.GELU())
-            self.fuse = nn.Sequential(nn.Conv2d(prev + sc, prev, 3, padding=1), nn.GELU())
+            self.skip = nn.Sequential(*_conv_stack([in_channels] + [sc] * int(skip_depth)))
+            self.fuse = nn.Sequential(*_conv_stack([prev + sc] + [prev] * int(fuse_depth)))
         self.classifier = nn.Conv2d(prev, out_channels, kernel_size=1)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)

@@ -10,7 +10,8 @@ Prints one line per verification: agreement, '*' when the QR decoded.
     the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), PCD=1
     (EmbedConfig.per_cell_decoys), BASE (the key's
     neutral grey, TextureCode.base, default 0.5), SIZE / CH / TILE (input size, UNet
-    channels, secret tile px; default 128 / 8,16,32,64 / 4), SAVE (write the watermarked model there), SAMPLES (LIME samples per image, default 1000; "default": the verifier's, 4000 on the key image alone)
+    channels, secret tile px; default 128 / 8,16,32,64 / 4), FLOOR / DARK (the key's trigger targets,
+    key.targets.floor / .dark; default 0.02 / 0.45), QUICK=1 (one wrong key, no usurpers), SAVE (write the watermarked model there), SAMPLES (LIME samples per image, default 1000; "default": the verifier's, 4000 on the key image alone)
 
 The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
 at a time): SIDE=0 LR=1e-3 STEPS=600 (m8noside), SIDE=1 LR=1e-3 600 (m8side), SIDE=0 LR=1e-3 1800 (s1800),
@@ -54,6 +55,7 @@ session 6, two threads alone: demo_2200_stages (PASS, 298 s, with the time of ea
 (PASS, 248 s: embedding 207 s).
 """
 import os, sys, time, warnings
+from dataclasses import replace
 from pathlib import Path
 import torch
 warnings.filterwarnings("ignore")
@@ -87,7 +89,11 @@ D = int(os.environ.get("DECOYS", "8"))
 T = int(os.environ.get("TILE", "4"))
 BASE = {"base": float(os.environ["BASE"])} if "BASE" in os.environ else {}
 def make_key(payload, seed):
-    return create_key(payload, seed=seed, decoys=D, tile=T, **BASE)
+    k = create_key(payload, seed=seed, decoys=D, tile=T, **BASE)
+    if "FLOOR" in os.environ or "DARK" in os.environ:     # the key's trigger targets (key.targets)
+        k = replace(k, targets=replace(k.targets, floor=float(os.environ.get("FLOOR", k.targets.floor)),
+                                       dark=float(os.environ.get("DARK", k.targets.dark))))
+    return k
 
 
 key = make_key("SM:BENCH-0001", keyseed)
@@ -121,8 +127,8 @@ def run(m, k, name):
         out.append(f"{where}:{r.data_module_agreement:.3f}{'*' if r.payload_decoded else ''}")
     print(tag, name, " ".join(out), flush=True)
 run(wm, key, "OWNER")
-for j in range(4):
+for j in range(1 if os.environ.get("QUICK") == "1" else 4):
     run(wm, make_key(key.payload, 5000 + j), f"wrong{j}")
-for j in range(2):
+for j in range(0 if os.environ.get("QUICK") == "1" else 2):
     run(wm, make_key(f"SM:USURP-{j}", 6000 + j), f"usurp{j}")
 run(clean, key, "clean")
