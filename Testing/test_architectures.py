@@ -134,6 +134,17 @@ def test_samvit_image_skip_is_a_full_resolution_path_and_scripts():
         SamViT(1, 2, 64, config="tiny", image_skip=-1)
 
 
+def test_samvit_skip_and_fuse_depths_set_the_full_resolution_convolutions():
+    deep = SamViT(1, 2, 64, config="tiny", image_skip=4, skip_depth=3, fuse_depth=2).eval()
+    convs = lambda m: [n for n, c in m.named_children() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert convs(deep.skip) == ["0", "2", "4"] and convs(deep.fuse) == ["0", "2"]
+    y = torch.rand(1, 1, 64, 64)
+    torch.testing.assert_close(torch.jit.script(deep)(y), deep(y))
+    for bad in ({"skip_depth": 0}, {"fuse_depth": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            SamViT(1, 2, 64, config="tiny", image_skip=4, **bad)
+
+
 @pytest.mark.parametrize("spec, match", [
     (ModelSpec("ResNet", {}), r"unknown network 'ResNet'.*SwinUNETR.*UNETR.*SamViT"),
     (architecture_spec("SwinUNETR", image_size=48), r"48x48 is not divisible by 32"),
