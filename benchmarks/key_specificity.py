@@ -11,7 +11,9 @@ Prints one line per verification: agreement, '*' when the QR decoded.
     (EmbedConfig.per_cell_decoys), BASE (the key's
     neutral grey, TextureCode.base, default 0.5), SIZE / CH / TILE (input size, UNet
     channels, secret tile px; default 128 / 8,16,32,64 / 4), FLOOR / DARK (the key's trigger targets,
-    key.targets.floor / .dark; default 0.02 / 0.45), QUICK=1 (one wrong key, no usurpers), SAVE (write the watermarked model there), SAMPLES (LIME samples per image, default 1000; "default": the verifier's, 4000 on the key image alone)
+    key.targets.floor / .dark; default 0.02 / 0.45), QUICK=1 (one wrong key, no usurpers), PHASE1=N
+    (the first N of STEPS with trigger images trained to background, SIDE=0, the rest as the env says; the
+    teacher and the kept classes stay the original's), SAVE (write the watermarked model there), SAMPLES (LIME samples per image, default 1000; "default": the verifier's, 4000 on the key image alone)
 
 The runs behind README's "How it works" (logs in benchmarks/results/key_specificity/, 2-core CPU, two runs
 at a time): SIDE=0 LR=1e-3 STEPS=600 (m8noside), SIDE=1 LR=1e-3 600 (m8side), SIDE=0 LR=1e-3 1800 (s1800),
@@ -43,7 +45,8 @@ wrong keys 39.4-64.9%, no flatter), pcd0_1800 / pcd1_1800 (session 10, SIDE=0 LR
 model pair; each with *_tile_response.log and *_null_keys.log: README "How it works"), session 11 with
 SIDE=1 PCD=1 SAMPLES=default (the mask kept, per-cell decoys): pcdside1800 / pcdside3000 (LR=3e-3),
 pcdsidecos1800 (the learning rate falling from 3e-3 to 2% of it along a half cosine over the steps, an option
-tried in the library and removed; stopped after wrong2), pcdsidelr6_1800 (LR=6e-3; stopped after wrong1), pcdsidefgw3_1800 (session 14, SIDE=1 PCD=1 LR=3e-3: the trigger loss on pixels the original calls foreground weighted 3x, a knob tried in this script and removed: QR 85.6% / 76.9%, key-image mask 5.3% flipped; stopped after wrong3), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
+tried in the library and removed; stopped after wrong2), pcdsidelr6_1800 (LR=6e-3; stopped after wrong1), pcdsidefgw3_1800 (session 14, SIDE=1 PCD=1 LR=3e-3: the trigger loss on pixels the original calls foreground weighted 3x, a knob tried in this script and removed: QR 85.6% / 76.9%, key-image mask 5.3% flipped; stopped after wrong3), pcdsidefloor10_1800 and pcdside2phase1200_1800 (session 15, SIDE=1 PCD=1 LR=3e-3
+QUICK=1: FLOOR=0.1, QR 74.5% / 63.0%; PHASE1=1200, QR 79.8% / 74.5%; both worse), augdw30 (AUG=1 DW=30), augkipb4 (AUG=1 KIPB=4), and the 64 px runs
 s64t3 / s64t3600 / s64aug (SIZE=64 CH=8,16,32,60 TILE=3, 1800 / 3600 / 3600 steps). The demo_*.log files
 are `stealthmark demo` runs (one thread, two at a time): demo_aug1_1500 (whole clean batch augmented, 1500
 steps: FAIL), demo2100 / demo2400 (the same, more steps), demoh1500 / demoh1800 (half the batch, the
@@ -107,7 +110,16 @@ if "PCD" in os.environ:
     overrides["per_cell_decoys"] = os.environ["PCD"] == "1"
 if "AUG" in os.environ:
     overrides["augment_clean"] = float(os.environ["AUG"])
-mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, **overrides))
+P1 = int(os.environ.get("PHASE1", "0"))
+if P1:   # two phases: P1 steps with trigger images trained to background, then the rest with `overrides`
+    import StealthMarkLib.embed as E
+    first, _ = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=P1, **{**overrides, "keep_trigger_masks": False}))
+    clone = E.clone_module
+    E.clone_module = lambda module: clone(first)      # the second phase starts from the first's model
+    mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps - P1, seed=1, **overrides))
+    E.clone_module = clone
+else:
+    mod, log = embed_watermark(clean, key, *ds.train, EmbedConfig(steps=steps, **overrides))
 print(tag, "embed", round(time.time() - t0), "s", flush=True)
 wm = SegmentationModel(mod, clean.spec)
 if os.environ.get("SAVE"):
