@@ -75,6 +75,9 @@ TORCH_REQUIREMENT = "torch>=2.4"
 # StealthMarkLib.DEFAULT_EMBED_STEPS (the library is imported lazily; Testing/test_slicer_module.py keeps the
 # two in step)
 DEFAULT_EMBED_STEPS = 1800
+# StealthMarkLib.embed.EmbedConfig's batch (`stealthmark embed --batch-size` 8: the library's defaults; the same test
+# keeps them in step)
+DEFAULT_EMBED_BATCH = 8
 DEVICES = ("auto", "cpu", "cuda")
 CANCEL_GRACE_S = 10.0      # SIGTERM first (the command cleans up and exits 130), then SIGKILL
 OUTPUT_DRAIN_S = 2.0       # after the child exits, how long to wait for a grandchild holding its pipes
@@ -557,6 +560,7 @@ class StealthMarkParameters:
     embedPayload = _Parameter(str, "")
     embedOutputPath = _Parameter(str, "")
     embedSteps = _Parameter(int, DEFAULT_EMBED_STEPS)
+    embedBatchSize = _Parameter(int, DEFAULT_EMBED_BATCH)
     embedKeepMasks = _Parameter(_flag, False)
     embedDevice = _Parameter(str, "auto")
 
@@ -691,6 +695,7 @@ PARAMETER_WIDGETS = (
     ("embedPayload", "embedPayloadLineEdit", "text"),
     ("embedOutputPath", "embedOutputPathLineEdit", "path"),
     ("embedSteps", "embedStepsSpinBox", "int"),
+    ("embedBatchSize", "embedBatchSizeSpinBox", "int"),
     ("embedKeepMasks", "embedKeepMasksCheckBox", "bool"),
     ("embedDevice", "embedDeviceComboBox", "device"),
 )
@@ -1075,6 +1080,7 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job = self.logic.startEmbed(p.embedVolume, p.embedLabels, p.embedSegment, p.embedModelPath,
                                         p.embedKeyPath, p.embedOutputPath, steps=p.embedSteps,
                                         device=p.embedDevice, keepTriggerMasks=p.embedKeepMasks,
+                                        batchSize=p.embedBatchSize,
                                         progressCallback=self._onEvent)
         except Exception as exc:
             self._showError("Cannot start embedding", exc)
@@ -1373,7 +1379,7 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
     def startEmbed(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
                    keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
                    progressCallback: Callable[[dict], None] | None = None,
-                   keepTriggerMasks: bool = False) -> StealthMarkJob:
+                   keepTriggerMasks: bool = False, batchSize: int | None = None) -> StealthMarkJob:
         _checkVolumeNode(volumeNode, "training volume")
         if segmentationOrLabelmapNode is None:
             raise ValueError("choose a segmentation or a labelmap with the annotation")
@@ -1388,6 +1394,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(f"the output {target} would overwrite an input; choose another file name")
         if int(steps) < 1:
             raise ValueError("steps must be at least 1")
+        if batchSize is not None and int(batchSize) < 1:
+            raise ValueError(f"the batch size must be at least 1, got {batchSize}")
         work = self.makeWorkDir("embed")
         try:
             dataPath, labelPath = work / "volume.nrrd", work / "labels.nrrd"
@@ -1399,7 +1407,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         produced = work / "out" / target.name
         args = ["embed", f"--model={modelPath}", f"--data={dataPath}", f"--labels={labelPath}", f"--label={label}",
                 f"--key={keyPath}", f"--out={produced}", f"--steps={int(steps)}", f"--device={device}",
-                "--progress=json"] + (["--keep-trigger-masks"] if keepTriggerMasks else [])
+                "--progress=json"] + (["--keep-trigger-masks"] if keepTriggerMasks else []) + \
+               ([f"--batch-size={int(batchSize)}"] if batchSize is not None else [])
 
         def finish(result: RunResult) -> dict:
             info = result.result or {}
@@ -1424,7 +1433,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
 
     def embedFromNodes(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
                        keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
-                       progressCallback: Callable[[dict], None] | None = None, keepTriggerMasks: bool = False) -> dict:
+                       progressCallback: Callable[[dict], None] | None = None, keepTriggerMasks: bool = False,
+                       batchSize: int | None = None) -> dict:
         """Watermark ``modelPath`` by fine-tuning on ``volumeNode`` with one segment as the annotation.
 
         ``segmentationOrLabelmapNode`` is a vtkMRMLSegmentationNode (``segmentId``: a segment ID or name;
@@ -1432,9 +1442,11 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         label value, or "any" / None for every non-zero voxel). Writes ``outPath`` and, beside it,
         ``<name>.harmlessness.json``; returns that dict (``original``/``watermarked`` Dice, ``flip_rate_clean``).
         ``keepTriggerMasks``: trigger images keep the original's mask (``stealthmark embed --keep-trigger-masks``).
+        ``batchSize``: images per step (``stealthmark embed --batch-size``; None: the library's default).
         """
         return self.startEmbed(volumeNode, segmentationOrLabelmapNode, segmentId, modelPath, keyPath, outPath,
-                               steps, device, progressCallback, keepTriggerMasks=keepTriggerMasks).wait()
+                               steps, device, progressCallback, keepTriggerMasks=keepTriggerMasks,
+                               batchSize=batchSize).wait()
 
     # -- setup ------------------------------------------------------------------------------------
     def packageStatus(self) -> list[PackageStatus]:

@@ -365,6 +365,19 @@ def test_default_steps_match_the_library():
     assert f"<number>{steps}</number>" in spin[:spin.index("</widget>")]
 
 
+def test_default_batch_size_matches_the_library():
+    from StealthMarkLib.embed import EmbedConfig, batch_settings
+
+    module = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    batch = next(ast.literal_eval(n.value) for n in module.body
+                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEFAULT_EMBED_BATCH")
+    defaults = EmbedConfig()
+    assert {k: getattr(defaults, k) for k in batch_settings(batch)} == batch_settings(batch)
+    ui = UI_FILE.read_text(encoding="utf-8")
+    spin = ui[ui.index('name="embedBatchSizeSpinBox"'):]
+    assert f"<number>{batch}</number>" in spin[:spin.index("</widget>")]
+
+
 def test_library_never_imports_slicer_qt_or_vtk():
     pattern = re.compile(r"^\s*(?:import|from)\s+(slicer|qt|ctk|vtk)\b", re.M)
     offenders = [p.name for p in LIB_DIR.glob("*.py") if pattern.search(p.read_text(encoding="utf-8"))]
@@ -835,6 +848,9 @@ def test_widget_builds_from_the_ui_and_keeps_the_parameter_node_in_step(sm, scen
     assert p.embedKeepMasks is True
     p.embedKeepMasks = False
     assert not ui.embedKeepMasksCheckBox.checked
+    assert p.embedBatchSize == 8 and ui.embedBatchSizeSpinBox.value == 8
+    ui.embedBatchSizeSpinBox.setValue(2)
+    assert p.embedBatchSize == 2
     ui.embedPayloadLineEdit.setText("SM:ME")
     assert ui.embedCreateKeyButton.enabled
 
@@ -903,9 +919,17 @@ def test_embed_keeping_the_trigger_masks_reaches_the_command(sm, sample_files, c
     labels = load_volume(scene, sample_files["mask"], "mask", labelmap=True)
     out = tmp_path / "kept.pt"
     sm.StealthMarkLogic(scene=scene).embedFromNodes(volume, labels, "any", str(clean_model), str(key_file[0]),
-                                                    str(out), steps=2, device="cpu", keepTriggerMasks=True)
+                                                    str(out), steps=2, device="cpu", keepTriggerMasks=True,
+                                                    batchSize=4)
     config = load_model(out, device="cpu").spec.metadata["stealthmark"]["training"]["config"]
     assert config["keep_trigger_masks"] is True and config["steps"] == 2
+    # the Batch size box: `embed --batch-size 4`
+    assert (config["clean_batch"], config["trigger_batch"], config["key_images_per_batch"],
+            config["decoys_per_batch"]) == (4, 4, 1, 2)
+    with pytest.raises(ValueError, match="batch size must be at least 1"):
+        sm.StealthMarkLogic(scene=scene).startEmbed(volume, labels, "any", str(clean_model), str(key_file[0]),
+                                                    str(tmp_path / "x.pt"), steps=2, device="cpu", batchSize=0)
+    assert not (tmp_path / "x.pt").exists()
 
 
 def verify_node(sm, scene, node, model, key, out, **kw):
