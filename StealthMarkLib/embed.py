@@ -305,8 +305,8 @@ TEACHER_CACHE_BYTES = 256 * 2 ** 20
 
 
 def teacher_probabilities(model: SegmentationModel, images: np.ndarray, batch: int = 16) -> torch.Tensor | None:
-    """The frozen original's probabilities on every training image, computed once: the distillation targets
-    of each clean batch's un-warped images, which would otherwise cost a teacher pass every step (measured
+    """The frozen original's probabilities on every training image (or 3-D slab), computed once: the
+    distillation targets of each clean batch's un-warped images, which would otherwise cost a teacher pass every step (measured
     on the demo: about 10 ms of a 150 ms step). None when they would take more than TEACHER_CACHE_BYTES."""
     n_bytes = len(images) * model.num_classes * int(np.prod(images.shape[-model.spatial_dims:])) * 4
     if n_bytes > TEACHER_CACHE_BYTES:
@@ -315,7 +315,8 @@ def teacher_probabilities(model: SegmentationModel, images: np.ndarray, batch: i
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = to_channels(torch.as_tensor(images[i:i + batch], device=model.device), model.in_channels)
+            x = to_channels(torch.as_tensor(images[i:i + batch], device=model.device), model.in_channels,
+                            spatial_dims=model.spatial_dims)
             out.append(model.forward_train(x))
     return torch.cat(out)
 

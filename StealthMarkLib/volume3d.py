@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .data import _label_beside, held_out_positions, volume_slices
-from .embed import EmbedConfig, EmbedLog, TriggerBatches, fine_tune, _check_data
+from .embed import EmbedConfig, EmbedLog, TriggerBatches, fine_tune, teacher_probabilities, _check_data
 from .errors import InputError, ModelError
 from .grid import check_fits
 from .key import WatermarkKey
@@ -193,10 +193,13 @@ def embed_slabs(model: SegmentationModel, key: WatermarkKey, slabs: np.ndarray, 
     overlay = TriggerOverlay(key, roi[1], roi[2])
     rng = np.random.default_rng(cfg.seed)
 
-    def clean_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    teacher_rows = teacher_probabilities(model, slabs)   # slabs are never warped: every teacher answer is known
+
+    def clean_batch() -> tuple[torch.Tensor, ...]:
         idx = rng.integers(0, len(slabs), cfg.clean_batch)
         x = to_channels(torch.as_tensor(slabs[idx], device=device), model.in_channels, spatial_dims=3)
-        return x, torch.as_tensor(labels[idx], device=device)
+        y = torch.as_tensor(labels[idx], device=device)
+        return (x, y) if teacher_rows is None else (x, y, teacher_rows[torch.as_tensor(idx, device=device)])
 
     triggers = SlabBatches(key, overlay, slabs, cfg, rng, model.in_channels, device)
     return fine_tune(model, key, cfg, clean_batch, triggers, progress)

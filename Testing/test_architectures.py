@@ -145,6 +145,19 @@ def test_samvit_skip_and_fuse_depths_set_the_full_resolution_convolutions():
             SamViT(1, 2, 64, config="tiny", image_skip=4, **bad)
 
 
+def test_samvit_skip_levels_add_coarser_image_paths_that_reach_the_logits():
+    torch.manual_seed(0)
+    m = SamViT(1, 2, 64, config="tiny", image_skip=4, skip_levels=3).eval()
+    assert len(m.down) == 2 and m.fuse[0].in_channels == 8 + 3 * 4   # decoder's last 8 + three levels of 4
+    m(torch.rand(1, 1, 64, 64))[0, 1, 30, 30].backward()
+    assert all(d[0].weight.grad.abs().sum() > 0 for d in m.down)
+    y = torch.rand(2, 1, 64, 64)
+    torch.testing.assert_close(torch.jit.script(m)(y), m(y))
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="skip_levels"):
+            SamViT(1, 2, 64, config="tiny", image_skip=4, skip_levels=bad)
+
+
 @pytest.mark.parametrize("spec, match", [
     (ModelSpec("ResNet", {}), r"unknown network 'ResNet'.*SwinUNETR.*UNETR.*SamViT"),
     (architecture_spec("SwinUNETR", image_size=48), r"48x48 is not divisible by 32"),

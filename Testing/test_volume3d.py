@@ -148,6 +148,37 @@ def test_sliding_window_covers_a_stack_deeper_than_the_roi(one_torch_thread):
         predict_volume(model, stack[:3])
 
 
+def test_3d_embedding_caches_the_teacher_and_its_targets_are_a_teacher_pass(one_torch_thread, monkeypatch):
+    """Slabs are never warped, so the original's probabilities on every training slab are computed once; each
+    step's distillation targets equal a teacher pass on that step's slabs (and without the cache it runs)."""
+    import StealthMarkLib.embed as embed_mod
+    from StealthMarkLib.embed import EmbedConfig
+    from StealthMarkLib.volume3d import embed_slabs
+
+    torch.manual_seed(0)
+    spec = spec3d(roi=(4, 48, 48), channels=(4, 8))
+    model = SegmentationModel(build_network(spec).eval(), spec, device="cpu")
+    rng = np.random.default_rng(3)
+    slabs = rng.random((5, 4, 48, 48), dtype=np.float32)
+    labels = (slabs > 0.5).astype(np.int64)
+    key = create_key(PAYLOAD, seed=KEY_SEED, mode="key-image", tile=2)
+    cfg = EmbedConfig(steps=2, clean_batch=3, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1)
+    seen, teacher_inputs = [], []
+    kl = embed_mod.kl_to_teacher
+    monkeypatch.setattr(embed_mod, "kl_to_teacher", lambda p, t: seen.append(t.clone()) or kl(p, t))
+    forward = model.forward_train
+    monkeypatch.setattr(model, "forward_train", lambda x: teacher_inputs.append(len(x)) or forward(x))
+    embed_slabs(model, key, slabs, labels, cfg)
+    cached, seen[:] = list(seen), []
+    assert teacher_inputs == [5]            # once, on all 5 training slabs
+    monkeypatch.setattr(embed_mod, "TEACHER_CACHE_BYTES", 0)
+    embed_slabs(model, key, slabs, labels, cfg)
+    assert teacher_inputs == [5, 3, 3]      # then a pass on each step's 3 slabs
+    assert len(cached) == len(seen) == 2
+    for a, b in zip(cached, seen):
+        assert a.shape == b.shape == (3, 2, 4, 48, 48) and float((a - b).abs().max()) < 1e-5
+
+
 def test_spec_records_spatial_dims_and_roi_and_round_trips(tmp_path):
     spec = spec3d()
     assert spec.to_json()["spatial_dims"] == 3 and spec.to_json()["image_size"] == list(ROI)
