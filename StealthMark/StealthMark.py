@@ -1125,7 +1125,9 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if "gpu memory" not in str(exc).lower() or getattr(self._parameters, deviceParameter) == "cpu":
             return False
         self._log(str(exc))
-        if not slicer.util.confirmOkCancelDisplay(f"{exc}\n\nRun it again on the CPU (slower)?",
+        other = ("\n\n(Or Cancel, lower the Batch size and embed again on the GPU.)"
+                 if deviceParameter == "embedDevice" else "")
+        if not slicer.util.confirmOkCancelDisplay(f"{exc}\n\nRun it again on the CPU (slower)?{other}",
                                                   windowTitle="StealthMark: out of GPU memory"):
             return False
         setattr(self._parameters, deviceParameter, "cpu")

@@ -1125,3 +1125,34 @@ def test_widget_offers_the_cpu_after_a_gpu_out_of_memory_failure(sm, scene, dial
     assert len(dialogs.confirmations) == 1 and "out of GPU memory" in dialogs.confirmations[0]
     assert dialogs.errors == [] and "not-owned" in w.ui.verdictLabel.text
     w.cleanup()
+
+
+def test_widget_embed_out_of_memory_names_the_batch_size_box(sm, scene, dialogs, sample_files, key_file, tmp_path,
+                                                            monkeypatch):
+    """Embedding out of GPU memory: the question names the Embed panel's Batch size as the other way out;
+    declined, nothing runs again and the error is shown."""
+    w = make_widget(sm)
+    p = w.logic.getParameterNode()
+    p.embedVolume = load_volume(scene, sample_files["nifti"], "T1")
+    p.embedLabels = load_volume(scene, sample_files["mask"], "mask", labelmap=True)
+    p.embedModelPath, p.embedKeyPath, p.embedOutputPath = "m.pt", str(key_file[0]), str(tmp_path / "wm.pt")
+    assert w.ui.embedApplyButton.enabled
+    batches = []
+    oom = ("import json, sys; print(json.dumps({'event': 'error', 'exit_code': 3, 'message': "
+           "'out of GPU memory while embedding: lower --batch-size or use --device cpu'})); sys.exit(3)")
+
+    def fake_start_embed(*args, batchSize=None, progressCallback=None, **kw):
+        batches.append(batchSize)
+        runner = sm.ProcessRunner([PY, "-c", oom], onEvent=progressCallback).start()
+        return sm.StealthMarkJob("Embedding", runner, None, lambda r: {})
+
+    monkeypatch.setattr(w.logic, "startEmbed", fake_start_embed)
+    dialogs.confirm = False
+    w.ui.embedBatchSizeSpinBox.setValue(4)
+    w.ui.embedApplyButton.click()
+    slicer_stubs.run_timers(lambda: w._job is None)
+    assert batches == [4] and p.embedDevice == "auto"
+    assert len(dialogs.confirmations) == 1 and "lower the Batch size" in dialogs.confirmations[0]
+    assert len(dialogs.errors) == 1 and "out of GPU memory" in dialogs.errors[0][0]
+    assert not (tmp_path / "wm.pt").exists()
+    w.cleanup()
