@@ -285,6 +285,25 @@ def test_effectiveness_quick_run_records_its_recipe(tmp_path):
     assert bad.returncode == 2 and "--lr must be positive" in bad.stderr
 
 
+def test_trigger_probe_traces_the_losses_and_verifies_once(tmp_path):
+    """trigger_probe.py --smoke on a SamViT variant: a loss line per --every steps, one verification per input,
+    nothing cached; bad --network-args and --every are refused with exit 2."""
+    cache = sorted((BENCH / ".cache").glob("probe_*")) if (BENCH / ".cache").is_dir() else []
+    run = lambda *args: subprocess.run([sys.executable, str(BENCH / "trigger_probe.py"), "--smoke", "--threads", "1",  # noqa: E731
+                                        *args], capture_output=True, text=True, timeout=600)
+    proc = run("--arch", "SamViT", "--network-args", '{"skip_levels": 2}', "--steps", "2", "--every", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert '"skip_levels": 2' in lines[0]
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("step ")] == ["step 1", "step 2"]
+    assert any(ln.startswith("key image: ") for ln in lines) and any(ln.startswith("blended: ") for ln in lines)
+    assert (sorted((BENCH / ".cache").glob("probe_*")) if (BENCH / ".cache").is_dir() else []) == cache
+    for bad, message in ((["--network-args", "{oops"], "not JSON"), (["--network-args", "[1]"], "JSON object"),
+                         (["--steps", "2", "--every", "3"], "--every")):
+        proc = run("--arch", "UNet", *bad)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
 def test_tile_response_prints_each_keys_tiles(tmp_path):
     """tile_response.py on a tiny (untrained) model: a line per key and per tile, and the band verdict."""
     from StealthMarkLib.models import SegmentationModel, build_network, save_model

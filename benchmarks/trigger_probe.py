@@ -9,6 +9,8 @@ and prints each agreement ('*' when the QR decoded), the Dice drop and the secon
 
     .venv/bin/python -u benchmarks/trigger_probe.py --arch SamViT --size small \\
         [--network-args '{"image_skip": 32}'] [--steps 600] [--every 100] [--no-per-cell-decoys] [--threads 2]
+(``--smoke``: the architecture's tiny size at 64 px, 2 clean steps, 20 LIME samples, nothing cached: for the
+test suite; its figures mean nothing.)
 
 Logs of the runs behind README's SamViT notes: benchmarks/results/models_small/probe_*.log.
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from StealthMarkLib.architectures import ARCHITECTURES, SIZES, architecture_spec  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
-from StealthMarkLib.embed import EmbedConfig, embed_watermark  # noqa: E402
+from StealthMarkLib.embed import EmbedConfig, batch_settings, embed_watermark  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.models import SegmentationModel, load_model, save_model  # noqa: E402
 from StealthMarkLib.progress import Progress  # noqa: E402
@@ -70,23 +72,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--lr", type=float, help="EmbedConfig.lr (default: the library's)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="tiny size, 64 px, a few steps (for the test suite)")
     C.add_per_cell_decoys_argument(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    extra = json.loads(a.network_args)
-    spec = architecture_spec(a.arch, a.size, 128, intensity=DEFAULT_INTENSITY.to_json())
+    try:
+        extra = json.loads(a.network_args)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--network-args is not JSON: {exc}")
+    if not isinstance(extra, dict):
+        ap.error("--network-args must be a JSON object, e.g. '{\"image_skip\": 32}'")
+    if a.steps < a.every or a.every < 1:
+        ap.error("--every must be at least 1 and at most --steps")
+    size = 64 if a.smoke else 128
+    spec = architecture_spec(a.arch, "tiny" if a.smoke else a.size, size, intensity=DEFAULT_INTENSITY.to_json())
     spec.args.update(extra)
     t1, mask = sample_paths()
-    ds = load_dataset(t1, (128, 128), labels=mask, label=SAMPLE_LABEL)
-    tag = hashlib.sha256(json.dumps(spec.args, sort_keys=True).encode()).hexdigest()[:12]
-    cache = ROOT / "benchmarks/.cache" / f"probe_{a.arch}_{tag}.ts"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    if not cache.exists():
-        save_model(train_segmentation(spec, *ds.train, steps=300, seed=0, device="cpu"), cache, spec)
-    clean = load_model(cache)
+    ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
+    if a.smoke:
+        clean = train_segmentation(spec, *ds.train, steps=2, batch=2, seed=0, device="cpu")
+    else:
+        tag = hashlib.sha256(json.dumps(spec.args, sort_keys=True).encode()).hexdigest()[:12]
+        cache = ROOT / "benchmarks/.cache" / f"probe_{a.arch}_{tag}.ts"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not cache.exists():
+            save_model(train_segmentation(spec, *ds.train, steps=300, seed=0, device="cpu"), cache, spec)
+        clean = load_model(cache)
     print("network", json.dumps(spec.args), "params", sum(p.numel() for p in clean.module.parameters()), flush=True)
-    key = create_key("SM:BENCH-0001", seed=20261127)   # published: never use it for real
-    cfg = EmbedConfig(steps=a.steps, per_cell_decoys=a.per_cell_decoys, **({"lr": a.lr} if a.lr else {}))
+    key = create_key("SM:BENCH-0001", seed=20261127, **({"tile": 3} if a.smoke else {}))  # published: never use it for real
+    batch = batch_settings(2) if a.smoke else {}
+    cfg = EmbedConfig(steps=a.steps, per_cell_decoys=a.per_cell_decoys, **batch, **({"lr": a.lr} if a.lr else {}))
     t0 = time.monotonic()
     module, _ = embed_watermark(clean, key, *ds.train, cfg, progress=LossTrace(a.every))
     print(f"embed {time.monotonic() - t0:.0f} s", flush=True)
@@ -94,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     h = harmlessness(clean, wm, *ds.test, key)
     print(f"dice drop {h['dice_drop_points']:.3f} flips {h['flip_rate_clean']:.4%}", flush=True)
     for where in ("key image", "blended"):
-        imgs = TriggerOverlay(key, 128, 128).key_image()[None] if where == "key image" else \
-            volume_trigger_input(t1, key, (128, 128), "18,22,42,46", 4, None).images
-        r = verify_query(wm, key, imgs, seed=7).report
+        imgs = TriggerOverlay(key, size, size).key_image()[None] if where == "key image" else \
+            volume_trigger_input(t1, key, (size, size), "18,22,42,46", 4, None).images
+        r = verify_query(wm, key, imgs, seed=7, samples=20 if a.smoke else None).report
         print(f"{where}: {r.data_module_agreement:.3f}{'*' if r.payload_match else ''}", flush=True)
     return 0
 
