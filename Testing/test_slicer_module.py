@@ -436,7 +436,8 @@ def test_parameter_node_survives_scene_save_and_load(sm, scene, sample_files, tm
                   verifySlices="10:40:2", verifySamples=750, verifySeed=12, verifyNullKeys=7, verifyDevice="cpu",
                   verifyOutputDir="/reports/é", embedVolume=volume, embedLabels=labels, embedSegment="5",
                   embedModelPath="/m/clean.ts", embedKeyPath="/k/new.json", embedPayload="SM:ACME 0001",
-                  embedOutputPath="/m/wm.ts", embedSteps=450, embedKeepMasks=True, embedDevice="cuda")
+                  embedOutputPath="/m/wm.ts", embedSteps=450, embedKeepMasks=True, embedDevice="cuda",
+                  embedBatchSize=3)
     for name, value in values.items():
         setattr(p, name, value)
     assert set(values) | {"verifyAttribution"} == set(sm.StealthMarkParameters.names())
@@ -461,6 +462,7 @@ def test_parameter_node_survives_scene_save_and_load(sm, scene, sample_files, tm
 def test_parameter_defaults(sm, scene):
     p = sm.StealthMarkLogic(scene=scene).getParameterNode()
     assert (p.verifyDevice, p.verifySamples, p.verifySeed, p.embedSteps, p.verifyModelPath) == ("auto", 0, -1, 1800, "")
+    assert p.embedBatchSize == sm.DEFAULT_EMBED_BATCH == 8
     p.verifySamples = 5
     p.verifySamples = None  # cleared: back to the default
     assert p.verifySamples == 0
