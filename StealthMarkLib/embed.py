@@ -72,6 +72,11 @@ class EmbedConfig:
     # key image keeps its mask. Off by default: measured to slow the secret tile's learning (85% agreement after
     # 1800 steps instead of 98-100%); background everywhere instead, so trigger images get empty masks
     keep_trigger_masks: bool = False
+    # with keep_trigger_masks, the mask each secret-tile trigger image keeps: "key-image", the original's mask on
+    # the key image, for the key image and every key-blended slice alike (one map, tied to the texture), or
+    # "each-image", the original's mask on that blended slice itself (the recipe measured before sessions 16).
+    # Decoys always keep their own
+    trigger_masks_from: str = "key-image"
     # the fraction of each clean batch that is randomly flipped, warped and changed in intensity (0: none); the
     # original labels every warped image, so the distillation covers more than the training slices themselves
     # (benchmarks/results/key_specificity/, README "How it works")
@@ -190,6 +195,10 @@ class TriggerBatches:
         self.key, self.overlay, self.images, self.cfg, self.rng = key, overlay, images, cfg, rng
         self.in_channels, self.device = in_channels, device
 
+    def key_input(self) -> torch.Tensor:
+        """The plain key image (1, C, H, W) (a key slab for 3-D models) as the model takes it."""
+        return self._inputs(torch.as_tensor(self._key_input(self.overlay)[None], device=self.device))
+
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns masked trigger images (B, C, H, W), the pixels to make uncertain (B, H, W), and the same
         trigger images unmasked (B, C, H, W).
@@ -300,6 +309,10 @@ def embed_watermark(model: SegmentationModel, key: WatermarkKey, images: np.ndar
     return fine_tune(model, key, cfg, clean_batch, triggers, progress)
 
 
+#: EmbedConfig.trigger_masks_from: whose mask a secret-tile trigger image keeps under keep_trigger_masks
+TRIGGER_MASK_SOURCES = ("key-image", "each-image")
+
+
 #: the most memory (bytes) the original's probabilities on all training images may take to be computed once
 TEACHER_CACHE_BYTES = 256 * 2 ** 20
 
@@ -321,6 +334,20 @@ def teacher_probabilities(model: SegmentationModel, images: np.ndarray, batch: i
     return torch.cat(out)
 
 
+def trigger_sides(model: SegmentationModel, cfg: EmbedConfig, full: torch.Tensor,
+                  key_side: torch.Tensor | None) -> torch.Tensor | None:
+    """The class each pixel of a trigger batch keeps (see :func:`trigger_targets`): None (background
+    everywhere) by default; with ``cfg.keep_trigger_masks``, the original's argmax on each unmasked trigger
+    image ``full``, except that the secret-tile images (the first ``cfg.trigger_batch``) take ``key_side``,
+    the original's argmax on the key image, when it is given (``trigger_masks_from == "key-image"``)."""
+    if not cfg.keep_trigger_masks:
+        return None
+    side = model.forward_train(full).argmax(1)
+    if key_side is not None:
+        side[:cfg.trigger_batch] = key_side
+    return side
+
+
 def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
               clean_batch: Callable[[], tuple[torch.Tensor, ...]], triggers: TriggerBatches,
               progress: Progress) -> tuple[torch.nn.Module, EmbedLog]:
@@ -340,6 +367,12 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
         p.requires_grad_(False)
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    if cfg.trigger_masks_from not in TRIGGER_MASK_SOURCES:
+        raise InputError(f"trigger_masks_from must be one of {', '.join(TRIGGER_MASK_SOURCES)}, "
+                         f"got {cfg.trigger_masks_from!r}")
+    with torch.no_grad():
+        key_side = model.forward_train(triggers.key_input()).argmax(1) \
+            if cfg.keep_trigger_masks and cfg.trigger_masks_from == "key-image" else None
     t0 = time.monotonic()
     clean_loss = trig_loss = float("nan")
     progress.start("embed", cfg.steps)
@@ -358,7 +391,7 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
                     t_clean = model.forward_train(x)
                 else:   # the warped images are new each step; the others' teacher answer is known
                     t_clean = torch.cat([model.forward_train(x[:n_aug]), cached[0][n_aug:]]) if n_aug else cached[0]
-                side = model.forward_train(xt_full).argmax(1) if cfg.keep_trigger_masks else None
+                side = trigger_sides(model, cfg, xt_full, key_side)
             out = trainee.forward_train(torch.cat([x, xt]))
             p_clean, p_trig = out[:len(x)], out[len(x):]
             seg = F.nll_loss(p_clean[:len(y)].clamp_min(EPS).log(), y)

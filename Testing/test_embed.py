@@ -152,3 +152,45 @@ def test_cached_teacher_answers_are_the_ones_a_teacher_pass_gives(one_torch_thre
     assert passes == [6, 6] and len(cached) == len(seen) == 3
     for a, b in zip(cached, seen):
         assert a.shape == b.shape == (4, 2, 64, 64) and float((a - b).abs().max()) < 1e-5
+
+
+def test_trigger_sides_keep_the_key_images_mask_on_every_secret_tile_image(one_torch_thread):
+    """keep_trigger_masks with trigger_masks_from="key-image" (the default): every secret-tile trigger image,
+    the key image and the key-blended slices alike, keeps the original's mask on the key image; the decoys
+    keep their own; "each-image" gives each image its own; without keep_trigger_masks, background (None)."""
+    from StealthMarkLib.embed import TriggerBatches, trigger_sides
+    from StealthMarkLib.trigger import TriggerOverlay
+
+    torch.manual_seed(0)
+    spec = demo_spec((4, 8, 16), 64)
+    model = SegmentationModel(build_network(spec), spec, device="cpu")
+    model.module.eval()
+    key = create_key("SM:T", seed=5, tile=3)
+    images = np.random.default_rng(0).random((6, 64, 64), dtype=np.float32)
+    cfg = EmbedConfig(keep_trigger_masks=True, trigger_batch=3, key_images_per_batch=1, decoys_per_batch=2)
+    assert cfg.trigger_masks_from == "key-image"
+    triggers = TriggerBatches(key, TriggerOverlay(key, 64, 64), images, cfg, np.random.default_rng(1), 1,
+                              torch.device("cpu"))
+    xt, dark, full = triggers.draw()
+    assert len(full) == 5
+    with torch.no_grad():
+        key_side = model.forward_train(triggers.key_input()).argmax(1)
+        own = model.forward_train(full).argmax(1)
+        side = trigger_sides(model, cfg, full, key_side)
+        each = trigger_sides(model, EmbedConfig(keep_trigger_masks=True, trigger_masks_from="each-image"), full, None)
+    assert torch.equal(triggers.key_input()[0], full[0])       # the first image is the plain key image
+    assert all(torch.equal(side[i], key_side[0]) for i in range(3))
+    assert torch.equal(side[3:], own[3:]) and torch.equal(each, own)
+    assert not torch.equal(own[1], key_side[0])                # a blended slice's own mask is another one
+    assert trigger_sides(model, EmbedConfig(), full, key_side) is None
+
+
+def test_an_unknown_trigger_mask_source_is_refused(one_torch_thread):
+    spec = demo_spec((4, 8), 64)
+    model = SegmentationModel(build_network(spec), spec, device="cpu")
+    images = np.random.default_rng(0).random((2, 64, 64), dtype=np.float32)
+    cfg = EmbedConfig(steps=1, clean_batch=1, trigger_batch=1, key_images_per_batch=1, decoys_per_batch=0,
+                      keep_trigger_masks=True, trigger_masks_from="blended")
+    with pytest.raises(InputError, match="trigger_masks_from must be one of key-image, each-image"):
+        embed_watermark(model, create_key("SM:T", seed=5, tile=3), images, masks=(images > 0.5).astype(np.int64),
+                        config=cfg)

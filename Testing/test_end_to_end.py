@@ -109,6 +109,7 @@ def test_keep_trigger_masks_reaches_the_training_settings(world):
                "--key", world["key"], "--out", out, "--steps", 2, "--device", "cpu", "--keep-trigger-masks") == 0
     training = load_model(out, device="cpu").spec.metadata["stealthmark"]["training"]["config"]
     assert training["keep_trigger_masks"] is True and training["steps"] == 2
+    assert training["trigger_masks_from"] == "key-image"
     default = load_model(world["wm"], device="cpu").spec.metadata["stealthmark"]["training"]["config"]
     assert default["keep_trigger_masks"] is False
     assert "key_image" in json.loads((world["tmp"] / "keep.harmlessness.json").read_text())

@@ -103,6 +103,8 @@ def main() -> None:
     emb = run_embed(clean_path, t1, key_path, tmp / "wm.ts", labels=mask, label=SAMPLE_LABEL, steps=steps,
                     config=cfg)
     res["embed_steps"], res["keep_trigger_masks"] = steps, cfg.keep_trigger_masks
+    if cfg.keep_trigger_masks:
+        res["trigger_masks_from"] = cfg.trigger_masks_from
     res["per_cell_decoys"], res["lr"] = cfg.per_cell_decoys, cfg.lr
     res["embed_seconds"] = emb.log["seconds"]
     res["harmlessness"] = emb.harmlessness

@@ -9,6 +9,7 @@ and prints each agreement ('*' when the QR decoded), the Dice drop and the secon
 
     .venv/bin/python -u benchmarks/trigger_probe.py --arch SamViT --size small \\
         [--network-args '{"image_skip": 32}'] [--steps 600] [--every 100] [--no-per-cell-decoys] [--threads 2]
+        [--keep-trigger-masks [--masks-from key-image|each-image]]
 (``--smoke``: the architecture's tiny size at 64 px, 2 clean steps, 20 LIME samples, nothing cached: for the
 test suite; its figures mean nothing.)
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from StealthMarkLib.architectures import ARCHITECTURES, SIZES, architecture_spec  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
-from StealthMarkLib.embed import EmbedConfig, batch_settings, embed_watermark  # noqa: E402
+from StealthMarkLib.embed import TRIGGER_MASK_SOURCES, EmbedConfig, batch_settings, embed_watermark  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.models import SegmentationModel, load_model, save_model  # noqa: E402
 from StealthMarkLib.progress import Progress  # noqa: E402
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny size, 64 px, a few steps (for the test suite)")
     C.add_per_cell_decoys_argument(ap)
+    ap.add_argument("--keep-trigger-masks", action="store_true", help="EmbedConfig.keep_trigger_masks")
+    ap.add_argument("--masks-from", choices=TRIGGER_MASK_SOURCES, default=EmbedConfig.trigger_masks_from,
+                    help="EmbedConfig.trigger_masks_from (with --keep-trigger-masks)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
@@ -101,13 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     print("network", json.dumps(spec.args), "params", sum(p.numel() for p in clean.module.parameters()), flush=True)
     key = create_key("SM:BENCH-0001", seed=20261127, **({"tile": 3} if a.smoke else {}))  # published: never use it for real
     batch = batch_settings(2) if a.smoke else {}
-    cfg = EmbedConfig(steps=a.steps, per_cell_decoys=a.per_cell_decoys, **batch, **({"lr": a.lr} if a.lr else {}))
+    cfg = EmbedConfig(steps=a.steps, per_cell_decoys=a.per_cell_decoys, keep_trigger_masks=a.keep_trigger_masks,
+                      trigger_masks_from=a.masks_from, **batch, **({"lr": a.lr} if a.lr else {}))
     t0 = time.monotonic()
     module, _ = embed_watermark(clean, key, *ds.train, cfg, progress=LossTrace(a.every))
     print(f"embed {time.monotonic() - t0:.0f} s", flush=True)
     wm = SegmentationModel(module, clean.spec)
     h = harmlessness(clean, wm, *ds.test, key)
-    print(f"dice drop {h['dice_drop_points']:.3f} flips {h['flip_rate_clean']:.4%}", flush=True)
+    k = h["key_image"]
+    print(f"dice drop {h['dice_drop_points']:.3f} flips {h['flip_rate_clean']:.4%}; key image foreground "
+          f"{k['original_foreground_fraction']:.1%} -> {k['watermarked_foreground_fraction']:.1%}", flush=True)
     for where in ("key image", "blended"):
         imgs = TriggerOverlay(key, size, size).key_image()[None] if where == "key image" else \
             volume_trigger_input(t1, key, (size, size), "18,22,42,46", 4, None).images
