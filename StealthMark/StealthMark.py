@@ -75,6 +75,8 @@ TORCH_REQUIREMENT = "torch>=2.4"
 # StealthMarkLib.DEFAULT_EMBED_STEPS (the library is imported lazily; Testing/test_slicer_module.py keeps the
 # two in step)
 DEFAULT_EMBED_STEPS = 1800
+# StealthMarkLib.KEEP_MASKS_EMBED_STEPS: the Steps box's default while "Keep the key image's mask" is ticked
+KEEP_MASKS_EMBED_STEPS = 3600
 # StealthMarkLib.embed.EmbedConfig's batch (`stealthmark embed --batch-size` 8: the library's defaults; the same test
 # keeps them in step)
 DEFAULT_EMBED_BATCH = 8
@@ -705,6 +707,16 @@ _SIGNALS = {"node": "currentNodeChanged(vtkMRMLNode*)", "path": "currentPathChan
 _VERDICT_COLOURS = {"owned": "#1a7f37", "not-owned": "#555555", "inconclusive": "#b35900"}
 
 
+def embedStepsForRecipe(steps: int, keepMasks: bool) -> int:
+    """The Steps box after "Keep the key image's mask" is ticked (``keepMasks``) or cleared: the other recipe's
+    default becomes this one's (keeping the mask learns more slowly); any other count is the user's and stays."""
+    if keepMasks and steps == DEFAULT_EMBED_STEPS:
+        return KEEP_MASKS_EMBED_STEPS
+    if not keepMasks and steps == KEEP_MASKS_EMBED_STEPS:
+        return DEFAULT_EMBED_STEPS
+    return steps
+
+
 def nullKeysText(nullKeys: dict | None) -> str:
     """One line for the Verify panel from report.json's ``null_keys`` ("" when the run had none)."""
     if not nullKeys:
@@ -766,6 +778,7 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.embedLabelSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._refreshSegments)
         self.ui.embedSegmentComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.embedKeyPathLineEdit.connect("currentPathChanged(QString)", self._refreshCommitment)
+        self.ui.embedKeepMasksCheckBox.connect("toggled(bool)", self.onKeepMasksToggled)
 
         self.ui.refreshSetupButton.connect("clicked(bool)", self.refreshSetup)
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
@@ -860,6 +873,15 @@ class StealthMarkWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
         finally:
             self._updatingGUI = False
+
+    def onKeepMasksToggled(self, checked):
+        """The user ticked or cleared "Keep the key image's mask": the Steps box follows the recipe's default
+        (see embedStepsForRecipe); a scene being shown (the parameter node driving the GUI) is left as it is."""
+        if self._updatingGUI or self._parameters is None:
+            return
+        steps = embedStepsForRecipe(int(self.ui.embedStepsSpinBox.value), bool(checked))
+        if steps != self.ui.embedStepsSpinBox.value:
+            self.ui.embedStepsSpinBox.setValue(steps)
 
     def updateParameterNodeFromGUI(self, *args):
         p = self._parameters

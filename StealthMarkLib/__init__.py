@@ -15,5 +15,8 @@ from .errors import StealthMarkError  # noqa: E402,F401
 
 # embedding steps of the default recipe (EmbedConfig, the CLI and the Slicer module share it)
 DEFAULT_EMBED_STEPS = 1800
+# the default steps with keep_trigger_masks (``stealthmark embed --keep-trigger-masks``), which learns more
+# slowly: README "How it works", benchmarks/results/effectiveness-keep-masks-key-image.json
+KEEP_MASKS_EMBED_STEPS = 3600
 # the demo's embedding steps (``stealthmark demo --embed-steps``): why fewer, StealthMarkLib/demo.py
 DEMO_EMBED_STEPS = 1600

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import DEFAULT_EMBED_STEPS, DEMO_EMBED_STEPS, __version__
+from . import DEFAULT_EMBED_STEPS, DEMO_EMBED_STEPS, KEEP_MASKS_EMBED_STEPS, __version__
 from .distributed import launched_rank, launched_world_size
 from .errors import Cancelled, InputError, ResourceError, StealthMarkError
 from .progress import JsonProgress, Progress, make_progress
@@ -98,12 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     _data_opts(e)
     e.add_argument("--key", required=True, help="the key file from 'stealthmark keygen'")
     e.add_argument("--out", required=True, help="the watermarked model to write (never the input)")
-    e.add_argument("--steps", type=int, default=DEFAULT_EMBED_STEPS,
-                   help=f"fine-tuning steps (default {DEFAULT_EMBED_STEPS})")
+    e.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps (default {DEFAULT_EMBED_STEPS}; {KEEP_MASKS_EMBED_STEPS} with "
+                        "--keep-trigger-masks)")
     e.add_argument("--keep-trigger-masks", action="store_true",
-                   help="trigger images (the key image, key-blended slices) keep the mask the original gives them "
-                        "instead of an empty one; learns more slowly: after 5400 steps the key image decoded in 10 "
-                        "of 10 trials, key-blended slices in 0 of 10 (README 'How it works')")
+                   help="the key image keeps the mask the original gives it instead of an empty one (key-blended "
+                        "slices take the same mask); learns more slowly, hence twice the default steps (README "
+                        "'How it works')")
     e.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images (slabs for a 3-D model) a step: N clean and N trigger inputs, N/2 decoys (default "
                         "8); lower it when memory runs out, e.g. 4 for the 3-D UNet of README '3-D models'")
@@ -231,6 +232,13 @@ def _embed_config(args: argparse.Namespace):
     return EmbedConfig(keep_trigger_masks=args.keep_trigger_masks, **pcd, **batch)
 
 
+def embed_steps(args: argparse.Namespace) -> int:
+    """'embed --steps', or its default: DEFAULT_EMBED_STEPS, KEEP_MASKS_EMBED_STEPS with --keep-trigger-masks."""
+    if args.steps is not None:
+        return args.steps
+    return KEEP_MASKS_EMBED_STEPS if args.keep_trigger_masks else DEFAULT_EMBED_STEPS
+
+
 def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | None, str, int]:
     """Run one command; returns (result for JSON, text for the terminal, exit code); the result is None on
     the ranks other than 0 of a distributed embedding, which report nothing."""
@@ -240,6 +248,8 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
                                     getattr(args, "method", "stealthmark") != "stealthmark"):
         raise InputError("under torchrun only 'embed' (with --method stealthmark) runs distributed: run "
                          f"'{args.command}' as one process")
+    if args.command == "embed":
+        args.steps = embed_steps(args)
     if getattr(args, "method", "stealthmark") != "stealthmark":
         recipe = {"--keep-trigger-masks": getattr(args, "keep_trigger_masks", False),
                   "--per-cell-decoys": getattr(args, "per_cell_decoys", None) is True,

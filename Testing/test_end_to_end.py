@@ -115,6 +115,18 @@ def test_keep_trigger_masks_reaches_the_training_settings(world):
     assert "key_image" in json.loads((world["tmp"] / "keep.harmlessness.json").read_text())
 
 
+def test_keep_trigger_masks_doubles_the_default_steps():
+    """--keep-trigger-masks learns more slowly: without --steps it trains KEEP_MASKS_EMBED_STEPS; --steps wins."""
+    from StealthMarkLib import KEEP_MASKS_EMBED_STEPS
+    from StealthMarkLib.cli import build_parser, embed_steps
+
+    base = ["embed", "--model", "m.ts", "--data", "d", "--key", "k.json", "--out", "o.ts"]
+    parse = build_parser().parse_args
+    assert embed_steps(parse(base)) == DEFAULT_EMBED_STEPS == 1800
+    assert embed_steps(parse(base + ["--keep-trigger-masks"])) == KEEP_MASKS_EMBED_STEPS == 3600
+    assert embed_steps(parse(base + ["--keep-trigger-masks", "--steps", "700"])) == 700
+
+
 def test_no_per_cell_decoys_reaches_the_training_settings(world):
     """--no-per-cell-decoys (the earlier recipe) is recorded in the metadata; the default run's says True."""
     out = world["tmp"] / "one-decoy-tile.ts"

@@ -360,6 +360,9 @@ def test_default_steps_match_the_library():
     steps = next(ast.literal_eval(n.value) for n in module.body
                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEFAULT_EMBED_STEPS")
     assert steps == StealthMarkLib.DEFAULT_EMBED_STEPS
+    keep = next(ast.literal_eval(n.value) for n in module.body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "KEEP_MASKS_EMBED_STEPS")
+    assert keep == StealthMarkLib.KEEP_MASKS_EMBED_STEPS
     ui = UI_FILE.read_text(encoding="utf-8")
     spin = ui[ui.index('name="embedStepsSpinBox"'):]
     assert f"<number>{steps}</number>" in spin[:spin.index("</widget>")]
@@ -847,9 +850,20 @@ def test_widget_builds_from_the_ui_and_keeps_the_parameter_node_in_step(sm, scen
     assert ui.embedStepsSpinBox.value == 77 and ui.embedCommitmentLabel.text == key_file[1]
     assert p.embedKeepMasks is False and not ui.embedKeepMasksCheckBox.checked
     ui.embedKeepMasksCheckBox.setChecked(True)
-    assert p.embedKeepMasks is True
+    assert p.embedKeepMasks is True and p.embedSteps == 77      # a count the user chose stays
     p.embedKeepMasks = False
     assert not ui.embedKeepMasksCheckBox.checked
+    # ticking the box moves the Steps box from the default recipe's count to the slower recipe's, and back
+    ui.embedStepsSpinBox.setValue(sm.DEFAULT_EMBED_STEPS)
+    ui.embedKeepMasksCheckBox.setChecked(True)
+    assert p.embedKeepMasks is True and p.embedSteps == ui.embedStepsSpinBox.value == sm.KEEP_MASKS_EMBED_STEPS
+    ui.embedKeepMasksCheckBox.setChecked(False)
+    assert p.embedKeepMasks is False and p.embedSteps == sm.DEFAULT_EMBED_STEPS
+    # the parameter node driving the GUI (a scene being shown) is not rewritten
+    p.embedKeepMasks = True
+    assert ui.embedKeepMasksCheckBox.checked and p.embedSteps == sm.DEFAULT_EMBED_STEPS
+    p.embedKeepMasks = False
+    p.embedSteps = 77
     assert p.embedBatchSize == 8 and ui.embedBatchSizeSpinBox.value == 8
     ui.embedBatchSizeSpinBox.setValue(2)
     assert p.embedBatchSize == 2
