@@ -196,10 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table. Exits 0 only if the watermarked model is owned and the clean one not.")
     d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
-    d.add_argument("--embed-steps", type=int, default=DEMO_EMBED_STEPS,
+    d.add_argument("--embed-steps", type=int, default=None,
                    help=f"embedding steps (default {DEMO_EMBED_STEPS}, so that the demo takes 4 to 5 minutes on a "
                         f"2-core CPU; 1400 left the key image near the decoding limit; the library's default is "
-                        f"{DEFAULT_EMBED_STEPS})")
+                        f"{DEFAULT_EMBED_STEPS}; {KEEP_MASKS_EMBED_STEPS} with --keep-trigger-masks)")
+    d.add_argument("--keep-trigger-masks", action="store_true",
+                   help="embed with the recipe that keeps the key image's mask ('embed --keep-trigger-masks'): "
+                        "about 10 minutes on a 2-core CPU instead of 5")
     d.add_argument("--samples", type=int, help="LIME samples per trigger image (default: 1000 per slice, 4000 "
                    "on the key image alone)")
     d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")
@@ -344,6 +347,7 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
 
         s = DemoSettings(out=Path(args.out), clean_steps=args.clean_steps, embed_steps=args.embed_steps,
                          samples=args.samples, n_slices=args.n_slices, device=args.device,
+                         keep_trigger_masks=args.keep_trigger_masks,
                          **({"key_seed": None} if args.random_key else {}))
         check_settings(s)
         summary, ok = run_demo(s, progress)

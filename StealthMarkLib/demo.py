@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import DEMO_EMBED_STEPS
+from . import DEMO_EMBED_STEPS, KEEP_MASKS_EMBED_STEPS
 from .data import DEFAULT_INTENSITY, load_dataset
 from .embed import EmbedConfig
 from .errors import InputError
@@ -42,13 +42,20 @@ DEMO_KEY_SEED = 726934871
 class DemoSettings:
     out: Path = Path("stealthmark-demo")
     clean_steps: int = 300
-    embed_steps: int = DEMO_EMBED_STEPS
+    embed_steps: int | None = DEMO_EMBED_STEPS
     samples: int | None = None        # LIME samples per trigger image; None: the library's default
     n_slices: int = 4
     channels: tuple[int, ...] = (8, 16, 32, 64)
     image_size: int = 128
     device: str = "auto"
     key_seed: int | None = DEMO_KEY_SEED   # None: a fresh secret key
+    # the recipe that keeps the key image's mask (EmbedConfig.keep_trigger_masks); slower, so embed_steps None
+    # means KEEP_MASKS_EMBED_STEPS with it, DEMO_EMBED_STEPS without it
+    keep_trigger_masks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.embed_steps is None:
+            self.embed_steps = KEEP_MASKS_EMBED_STEPS if self.keep_trigger_masks else DEMO_EMBED_STEPS
 
 
 def held_out_slice_spec(n: int) -> str:
@@ -84,7 +91,8 @@ def run_demo(s: DemoSettings, progress: Progress | None = None) -> tuple[dict, b
     t_embed = time.monotonic()
     emb = run_embed(clean_path, t1_path, key_path, out / "watermarked" / "model.ts", labels=mask_path,
                     label=SAMPLE_LABEL, steps=s.embed_steps, device=s.device,
-                    config=EmbedConfig(steps=s.embed_steps), progress=progress)
+                    config=EmbedConfig(steps=s.embed_steps, keep_trigger_masks=s.keep_trigger_masks),
+                    progress=progress)
 
     stages["embedding"] = round(time.monotonic() - t_embed, 1)   # training, harmlessness and saving
     # 4. verification of both models, on the key image and on key-blended held-out slices
@@ -104,6 +112,7 @@ def run_demo(s: DemoSettings, progress: Progress | None = None) -> tuple[dict, b
         "passed": ok,
         "seconds": round(time.monotonic() - t0, 1),
         "stage_seconds": stages,
+        "embedding": {"steps": s.embed_steps, "keep_trigger_masks": s.keep_trigger_masks},
         "device": describe_device(dev),
         "key_commitment": key.commitment,
         "verification": {k: {"verdict": r.verdict, "payload_decoded": r.payload_decoded,

@@ -414,12 +414,22 @@ def test_evaluate_command(world):
     assert {"original", "watermarked", "dice_drop_points", "flip_rate_clean", "key_image"} <= set(h)
 
 
-def test_demo_defaults_agree():
-    """The demo's embedding steps (2200: within 5 minutes on a 2-core CPU) are the same in the CLI and in Python."""
+def test_demo_steps_follow_the_recipe():
+    """The demo embeds DEMO_EMBED_STEPS (within 5 minutes on a 2-core CPU), KEEP_MASKS_EMBED_STEPS with
+    --keep-trigger-masks, unless --embed-steps says otherwise; the CLI leaves the choice to DemoSettings."""
+    from StealthMarkLib import DEMO_EMBED_STEPS, KEEP_MASKS_EMBED_STEPS
     from StealthMarkLib.cli import build_parser
-    from StealthMarkLib.demo import DEMO_EMBED_STEPS, DemoSettings
+    from StealthMarkLib.demo import DemoSettings
 
-    assert build_parser().parse_args(["demo"]).embed_steps == DEMO_EMBED_STEPS == DemoSettings().embed_steps
+    assert DemoSettings().embed_steps == DEMO_EMBED_STEPS == 1600
+    assert DemoSettings(embed_steps=None).embed_steps == DEMO_EMBED_STEPS
+    assert DemoSettings(embed_steps=None, keep_trigger_masks=True).embed_steps == KEEP_MASKS_EMBED_STEPS
+    assert DemoSettings(embed_steps=900, keep_trigger_masks=True).embed_steps == 900
+    args = build_parser().parse_args(["demo", "--keep-trigger-masks"])
+    assert args.keep_trigger_masks is True and args.embed_steps is None
+    args = build_parser().parse_args(["demo"])
+    assert args.keep_trigger_masks is False and args.embed_steps is None
+    assert build_parser().parse_args(["demo", "--embed-steps", "700"]).embed_steps == 700
 
 
 def test_demo_tiny_run_writes_its_summary_and_table(tmp_path):
@@ -428,8 +438,12 @@ def test_demo_tiny_run_writes_its_summary_and_table(tmp_path):
     from StealthMarkLib.demo import DemoSettings, format_table, run_demo
 
     summary, ok = run_demo(DemoSettings(out=tmp_path / "demo", clean_steps=2, embed_steps=2, samples=20,
-                                        n_slices=1, channels=(4, 8), image_size=64, device="cpu"))
+                                        n_slices=1, channels=(4, 8), image_size=64, device="cpu",
+                                        keep_trigger_masks=True))
     assert not ok and summary["passed"] is False
+    assert summary["embedding"] == {"steps": 2, "keep_trigger_masks": True}
+    training = load_model(summary["files"]["watermarked_model"], device="cpu").spec.metadata["stealthmark"]["training"]
+    assert training["config"]["keep_trigger_masks"] is True and training["config"]["steps"] == 2
     assert set(summary["stage_seconds"]) == {"clean_training", "embedding", "verification"}
     # each figure is rounded to 0.1 s on its own, so the sum may exceed the total by up to 0.05 s a figure
     assert sum(summary["stage_seconds"].values()) <= summary["seconds"] + 0.05 * (len(summary["stage_seconds"]) + 1) + 1e-9
