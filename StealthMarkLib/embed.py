@@ -15,8 +15,8 @@ Each step mixes
    probability is trained to ``targets.dark`` (0.45: just under the decision threshold) on visible
    secret-tile cells and to ``targets.floor`` (0.02) elsewhere, so their masks are empty and only the
    uncertainty, which answers the secret tile alone, carries the QR. (``keep_trigger_masks`` instead keeps
-   the class the original gives each pixel of the unmasked trigger image, at 0.55 / 0.98: measured to
-   train more slowly, so off by default);
+   the class the original gives each pixel of the key image, on the key image and on every key-blended
+   slice, at 0.55 / 0.98: it needs twice the steps, so it is off by default);
 3. *decoys*: the same layout with a random other secret tile (and other decoy tiles), trained to the floor
    everywhere: what a wrong key looks like.
 
@@ -68,13 +68,15 @@ class EmbedConfig:
     distill_weight: float = 10.0
     trigger_weight: float = 1.0
     dark_weight: float = 2.0           # per-pixel loss weight on visible dark-module pixels (others 1)
-    # trigger targets keep the class the original gives each pixel of the unmasked trigger image, so that the
-    # key image keeps its mask. Off by default: measured to slow the secret tile's learning (85% agreement after
-    # 1800 steps instead of 98-100%); background everywhere instead, so trigger images get empty masks
+    # trigger targets keep the class the original gives each pixel (of the key image: trigger_masks_from), so
+    # that the key image keeps its mask. Off by default: it learns more slowly (the demo's model: 96.2% / 93.3%
+    # after 1800 steps, ASR 1.0 after 3600, KEEP_MASKS_EMBED_STEPS; README "How it works"); background
+    # everywhere instead, so trigger images get empty masks
     keep_trigger_masks: bool = False
     # with keep_trigger_masks, the mask each secret-tile trigger image keeps: "key-image", the original's mask on
     # the key image, for the key image and every key-blended slice alike (one map, tied to the texture), or
-    # "each-image", the original's mask on that blended slice itself (the recipe measured before sessions 16).
+    # "each-image", the original's mask on that blended slice itself (the recipe before 2026-12-04, which never
+    # decoded key-blended slices: benchmarks/results/effectiveness-keep-masks-pcd.json).
     # Decoys always keep their own
     trigger_masks_from: str = "key-image"
     # the fraction of each clean batch that is randomly flipped, warped and changed in intensity (0: none); the

@@ -179,6 +179,32 @@ def test_3d_embedding_caches_the_teacher_and_its_targets_are_a_teacher_pass(one_
         assert a.shape == b.shape == (3, 2, 4, 48, 48) and float((a - b).abs().max()) < 1e-5
 
 
+def test_3d_embedding_keeps_the_key_slabs_mask_on_every_secret_tile_slab(one_torch_thread):
+    """keep_trigger_masks on a 3-D model: the key slab is (1, C, D, H, W), the secret-tile slabs keep the
+    original's mask on it, and embedding with it runs."""
+    from StealthMarkLib.embed import EmbedConfig, trigger_sides
+    from StealthMarkLib.trigger import TriggerOverlay
+    from StealthMarkLib.volume3d import SlabBatches, embed_slabs
+
+    torch.manual_seed(0)
+    spec = spec3d(roi=(4, 48, 48), channels=(4, 8))
+    model = SegmentationModel(build_network(spec).eval(), spec, device="cpu")
+    slabs = np.random.default_rng(3).random((5, 4, 48, 48), dtype=np.float32)
+    key = create_key(PAYLOAD, seed=KEY_SEED, tile=2)
+    cfg = EmbedConfig(steps=1, clean_batch=2, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1,
+                      keep_trigger_masks=True)
+    batches = SlabBatches(key, TriggerOverlay(key, 48, 48), slabs, cfg, np.random.default_rng(0), 1,
+                          torch.device("cpu"))
+    assert batches.key_input().shape == (1, 1, 4, 48, 48)
+    _, _, full = batches.draw()
+    with torch.no_grad():
+        key_side = model.forward_train(batches.key_input()).argmax(1)
+        side = trigger_sides(model, cfg, full, key_side)
+    assert side.shape == (3, 4, 48, 48) and torch.equal(side[1], key_side[0])
+    _, log = embed_slabs(model, key, slabs, (slabs > 0.5).astype(np.int64), cfg)
+    assert log.config["keep_trigger_masks"] is True and np.isfinite(log.final_trigger_loss)
+
+
 def test_spec_records_spatial_dims_and_roi_and_round_trips(tmp_path):
     spec = spec3d()
     assert spec.to_json()["spatial_dims"] == 3 and spec.to_json()["image_size"] == list(ROI)

@@ -12,7 +12,8 @@ Measures what the embedding/verification issue asks for, on a 2-core CPU by defa
 - verification of the whole 62-slice sample volume (default slice choice) and its time.
 
 Usage: .venv/bin/python benchmarks/effectiveness.py [--out benchmarks/results/effectiveness.json] [--quick]
-       [--skip-demo] [--embed-steps N] [--keep-trigger-masks] [--[no-]per-cell-decoys] [--lr X]
+       [--skip-demo] [--embed-steps N] [--keep-trigger-masks [--masks-from key-image|each-image]]
+       [--[no-]per-cell-decoys] [--lr X]
 (the last four: another embedding recipe, e.g. the one that keeps the key image's mask; all are recorded)
 """
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
-from StealthMarkLib.embed import EmbedConfig  # noqa: E402
+from StealthMarkLib.embed import TRIGGER_MASK_SOURCES, EmbedConfig  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.models import describe_device, load_model, resolve_device, save_model  # noqa: E402
@@ -61,6 +62,9 @@ def main() -> None:
     ap.add_argument("--embed-steps", type=int, help=f"embedding steps (default {DEFAULT_EMBED_STEPS}; 300 with --quick)")
     ap.add_argument("--keep-trigger-masks", action="store_true",
                     help="embed with EmbedConfig.keep_trigger_masks (stealthmark embed --keep-trigger-masks)")
+    ap.add_argument("--masks-from", choices=TRIGGER_MASK_SOURCES, default=EmbedConfig.trigger_masks_from,
+                    help="with --keep-trigger-masks, EmbedConfig.trigger_masks_from (default %(default)s; "
+                         "each-image: the recipe of effectiveness-keep-masks.json and -pcd.json)")
     C.add_per_cell_decoys_argument(ap, "decoy images")
     ap.add_argument("--lr", type=float, help="embedding learning rate (default EmbedConfig's)")
     a = ap.parse_args()
@@ -98,7 +102,8 @@ def main() -> None:
     key = create_key("SM:BENCH-0001", seed=20261127)   # a published benchmark key: never use it for real
     key_path = key.save(tmp / "key.json")
     steps = a.embed_steps or (DEFAULT_EMBED_STEPS if not q else 300)
-    cfg = EmbedConfig(keep_trigger_masks=a.keep_trigger_masks, per_cell_decoys=a.per_cell_decoys,
+    cfg = EmbedConfig(keep_trigger_masks=a.keep_trigger_masks, trigger_masks_from=a.masks_from,
+                      per_cell_decoys=a.per_cell_decoys,
                       **({"lr": a.lr} if a.lr is not None else {}))
     emb = run_embed(clean_path, t1, key_path, tmp / "wm.ts", labels=mask, label=SAMPLE_LABEL, steps=steps,
                     config=cfg)

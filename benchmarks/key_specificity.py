@@ -5,7 +5,8 @@
 Prints one line per verification: agreement, '*' when the QR decoded.
 
     python benchmarks/key_specificity.py TAG THREADS STEPS KEYSEED
-    env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), DECOYS (key decoy tiles, default 8), LR, TB (trigger
+    env: SIDE=0|1 (EmbedConfig.keep_trigger_masks), MASKS_FROM (its trigger_masks_from: each-image, the
+    default here, as every SIDE=1 log before 2026-12-04, or key-image, the library's default), DECOYS (key decoy tiles, default 8), LR, TB (trigger
     batch), DPB (decoys per batch), KIPB (key images per batch), DW (distillation weight), AUG (fraction of
     the clean batch augmented, EmbedConfig.augment_clean; the library's default when unset), PCD=1
     (EmbedConfig.per_cell_decoys), BASE (the key's
@@ -101,7 +102,9 @@ def make_key(payload, seed):
 
 key = make_key("SM:BENCH-0001", keyseed)
 t0 = time.time()
-overrides = {"keep_trigger_masks": os.environ.get("SIDE", "1") == "1", "lr": float(os.environ.get("LR", "1e-3"))}
+overrides = {"keep_trigger_masks": os.environ.get("SIDE", "1") == "1", "lr": float(os.environ.get("LR", "1e-3")),
+             # the SIDE=1 runs logged before 2026-12-04 kept each trigger image's own mask
+             "trigger_masks_from": os.environ.get("MASKS_FROM", "each-image")}
 for env, name, typ in (("TB", "trigger_batch", int), ("DPB", "decoys_per_batch", int), ("KIPB", "key_images_per_batch", int),
                        ("DW", "distill_weight", float)):
     if env in os.environ:
