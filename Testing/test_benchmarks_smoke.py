@@ -286,15 +286,18 @@ def test_effectiveness_quick_run_records_its_recipe(tmp_path):
 
 
 def test_trigger_probe_traces_the_losses_and_verifies_once(tmp_path):
-    """trigger_probe.py --smoke on a SamViT variant: a loss line per --every steps, one verification per input,
-    nothing cached; bad --network-args and --every are refused with exit 2."""
+    """trigger_probe.py --smoke on a SamViT variant (keeping the key image's mask): a loss line per --every
+    steps, the key image's mask, one verification per input, nothing cached; bad --network-args and --every are
+    refused with exit 2."""
     cache = sorted((BENCH / ".cache").glob("probe_*")) if (BENCH / ".cache").is_dir() else []
     run = lambda *args: subprocess.run([sys.executable, str(BENCH / "trigger_probe.py"), "--smoke", "--threads", "1",  # noqa: E731
                                         *args], capture_output=True, text=True, timeout=600)
-    proc = run("--arch", "SamViT", "--network-args", '{"skip_levels": 2}', "--steps", "2", "--every", "1")
+    proc = run("--arch", "SamViT", "--network-args", '{"skip_levels": 2}', "--steps", "2", "--every", "1",
+               "--keep-trigger-masks", "--masks-from", "key-image")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert '"skip_levels": 2' in lines[0]
+    assert any("key image foreground" in ln for ln in lines)
     assert [ln.split(":")[0] for ln in lines if ln.startswith("step ")] == ["step 1", "step 2"]
     assert any(ln.startswith("key image: ") for ln in lines) and any(ln.startswith("blended: ") for ln in lines)
     assert (sorted((BENCH / ".cache").glob("probe_*")) if (BENCH / ".cache").is_dir() else []) == cache
