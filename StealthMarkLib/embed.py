@@ -344,10 +344,11 @@ def trigger_sides(model: SegmentationModel, cfg: EmbedConfig, full: torch.Tensor
     the original's argmax on the key image, when it is given (``trigger_masks_from == "key-image"``)."""
     if not cfg.keep_trigger_masks:
         return None
-    side = model.forward_train(full).argmax(1)
-    if key_side is not None:
-        side[:cfg.trigger_batch] = key_side
-    return side
+    if key_side is None:
+        return model.forward_train(full).argmax(1)
+    n = cfg.trigger_batch                  # only the decoys need a pass of the original
+    secret = key_side.expand(n, *key_side.shape[1:])
+    return torch.cat([secret, model.forward_train(full[n:]).argmax(1)]) if len(full) > n else secret.clone()
 
 
 def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
@@ -356,6 +357,9 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
     """The embedding loop shared by 2-D images and 3-D slabs: ``clean_batch()`` gives model inputs and
     their ground-truth labels, and optionally the original's probabilities on those inputs (see
     :func:`teacher_probabilities`); ``triggers.draw()`` masked trigger inputs (see :class:`TriggerBatches`)."""
+    if cfg.trigger_masks_from not in TRIGGER_MASK_SOURCES:
+        raise InputError(f"trigger_masks_from must be one of {', '.join(TRIGGER_MASK_SOURCES)}, "
+                         f"got {cfg.trigger_masks_from!r}")
     device = model.device
     torch.manual_seed(distributed.rank_seed(cfg.seed))
     aug_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed) + 1)
@@ -369,9 +373,6 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
         p.requires_grad_(False)
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    if cfg.trigger_masks_from not in TRIGGER_MASK_SOURCES:
-        raise InputError(f"trigger_masks_from must be one of {', '.join(TRIGGER_MASK_SOURCES)}, "
-                         f"got {cfg.trigger_masks_from!r}")
     with torch.no_grad():
         key_side = model.forward_train(triggers.key_input()).argmax(1) \
             if cfg.keep_trigger_masks and cfg.trigger_masks_from == "key-image" else None

@@ -183,6 +183,13 @@ def test_trigger_sides_keep_the_key_images_mask_on_every_secret_tile_image(one_t
     assert torch.equal(side[3:], own[3:]) and torch.equal(each, own)
     assert not torch.equal(own[1], key_side[0])                # a blended slice's own mask is another one
     assert trigger_sides(model, EmbedConfig(), full, key_side) is None
+    seen = []                                                  # the original answers the decoys only
+    forward = model.forward_train
+    model.forward_train = lambda x: seen.append(len(x)) or forward(x)
+    with torch.no_grad():
+        trigger_sides(model, cfg, full, key_side)
+        alone = trigger_sides(model, cfg, full[:3], key_side)  # no decoys: no pass at all
+    assert seen == [2] and torch.equal(alone, side[:3])
 
 
 def test_an_unknown_trigger_mask_source_is_refused(one_torch_thread):
