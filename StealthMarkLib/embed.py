@@ -41,7 +41,7 @@ from . import DEFAULT_EMBED_STEPS, distributed
 from .errors import InputError, ModelError, ResourceError
 from .grid import cell_edges
 from .key import WatermarkKey
-from .models import SegmentationModel, module_device, to_channels, train_memory_format
+from .models import SegmentationModel, class_map, module_device, to_channels, train_memory_format
 from .progress import Progress
 from .trigger import TriggerOverlay
 
@@ -345,10 +345,10 @@ def trigger_sides(model: SegmentationModel, cfg: EmbedConfig, full: torch.Tensor
     if not cfg.keep_trigger_masks:
         return None
     if key_side is None:
-        return model.forward_train(full).argmax(1)
+        return class_map(model.forward_train(full))
     n = cfg.trigger_batch                  # only the decoys need a pass of the original
     secret = key_side.expand(n, *key_side.shape[1:])
-    return torch.cat([secret, model.forward_train(full[n:]).argmax(1)]) if len(full) > n else secret.clone()
+    return torch.cat([secret, class_map(model.forward_train(full[n:]))]) if len(full) > n else secret.clone()
 
 
 def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
@@ -374,7 +374,7 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     with torch.no_grad():
-        key_side = model.forward_train(triggers.key_input()).argmax(1) \
+        key_side = class_map(model.forward_train(triggers.key_input())) \
             if cfg.keep_trigger_masks and cfg.trigger_masks_from == "key-image" else None
     t0 = time.monotonic()
     clean_loss = trig_loss = float("nan")

@@ -368,6 +368,18 @@ def to_channels(images: torch.Tensor | np.ndarray, in_channels: int, spatial_dim
                      f"input channel(s), got shape {tuple(x.shape)}")
 
 
+def class_map(probs: torch.Tensor) -> torch.Tensor:
+    """``probs.argmax(1)`` (the first class on ties) for (B, K, ...) class probabilities, without torch's
+    CPU argmax over the channel axis of a contiguous tensor, which is slow: 12 ms for a (4, 2, 128, 128)
+    batch against 0.3 ms here (2 threads), a tenth of an embedding step that keeps trigger masks."""
+    best = probs[:, 0]
+    labels = torch.zeros(best.shape, dtype=torch.long, device=probs.device)
+    for k in range(1, probs.shape[1]):
+        labels = torch.where(probs[:, k] > best, k, labels)
+        best = torch.maximum(best, probs[:, k])
+    return labels
+
+
 def train_memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format | None:
     """``channels_last`` for 2-D models on the CPU, else None (the module's own layout).
 

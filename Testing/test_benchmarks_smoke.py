@@ -323,3 +323,21 @@ def test_tile_response_prints_each_keys_tiles(tmp_path):
     assert len(heads) == 6 and heads[0].startswith("owner") and "usurper key 4" in heads[-1]
     assert sum(ln.strip().startswith("secret ") and "data cells" in ln for ln in lines) == 6
     assert sum(ln.strip().startswith("decoy ") for ln in lines) >= 6 * 4
+
+
+def test_embed_step_times_both_recipes(tmp_path):
+    """embed_step.py --smoke: a time a step for each recipe, the class-map timing, its JSON; bad counts refused."""
+    import embed_step
+
+    out = tmp_path / "embed_step.json"
+    assert embed_step.main(["--smoke", "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["study"] == "embed_step" and doc["settings"]["smoke"] is True
+    assert doc["environment"]["device"].startswith("cpu")
+    for name in ("default", "keep_trigger_masks"):
+        assert _num(doc["ms_per_step"][name]["median"]) and doc["ms_per_step"][name]["median"] > 0
+        assert len(doc["ms_per_step"][name]["repeats"]) == 1
+    assert _num(doc["keep_masks_overhead"])
+    assert all(_num(v) and v > 0 for v in doc["class_of_decoy_batch_ms"].values())
+    assert "seed" not in json.dumps(doc["settings"])
+    assert embed_step.main(["--smoke", "--cache", str(tmp_path / "cache"), "--steps", "0"]) == 2

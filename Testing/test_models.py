@@ -18,6 +18,7 @@ from StealthMarkLib.models import (
     ModelSpec,
     SegmentationModel,
     build_network,
+    class_map,
     describe_device,
     file_sha256,
     load_model,
@@ -113,6 +114,21 @@ def test_numpy_input_and_result_usable_as_training_target(images):
     w = torch.ones(1, requires_grad=True)
     (p * w).sum().backward()  # an inference tensor would refuse this
     assert model.module.training  # probabilities() restores the module's mode
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 16, 16), (3, 3, 8, 8), (2, 3, 4, 8, 8)])
+def test_class_map_is_argmax_over_classes(shape):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(shape, generator=g), 1)
+    first = (0,) * (len(shape) - 2)                    # one pixel (voxel)
+    probs[(0, slice(None)) + first] = 1.0 / shape[1]   # a tie between all classes: argmax takes the first
+    probs[(-1, slice(None)) + first] = torch.tensor([0.2] + [0.8 / (shape[1] - 1)] * (shape[1] - 1))
+    labels = class_map(probs)
+    assert labels.dtype == torch.long and labels.shape == probs[:, 0].shape
+    assert torch.equal(labels, probs.argmax(1))
+    assert labels[(0,) + first] == 0 and labels[(-1,) + first] == 1
+    if len(shape) == 4:
+        assert torch.equal(class_map(probs.contiguous(memory_format=torch.channels_last)), labels)
 
 
 def test_forward_train_has_gradients(images):
