@@ -340,4 +340,5 @@ def test_embed_step_times_both_recipes(tmp_path):
     assert _num(doc["keep_masks_overhead"])
     assert all(_num(v) and v > 0 for v in doc["class_of_decoy_batch_ms"].values())
     assert "seed" not in json.dumps(doc["settings"])
-    assert embed_step.main(["--smoke", "--cache", str(tmp_path / "cache"), "--steps", "0"]) == 2
+    assert embed_step.main(["--smoke", "--cache", str(tmp_path / "cache"), "--out-dir", str(tmp_path), "--steps", "0"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "embed_step.json"]
