@@ -268,12 +268,12 @@ def test_effectiveness_quick_run_records_its_recipe(tmp_path):
     """effectiveness.py (issue 3's figures) at tiny sizes, with another recipe: it says which one it measured."""
     out = tmp_path / "eff.json"
     proc = subprocess.run([sys.executable, str(BENCH / "effectiveness.py"), "--quick", "--skip-demo",
-                           "--embed-steps", "3", "--keep-trigger-masks", "--per-cell-decoys", "--lr", "5e-3",
+                           "--embed-steps", "3", "--no-keep-trigger-masks", "--per-cell-decoys", "--lr", "5e-3",
                            "--out", str(out)],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert doc["embed_steps"] == 3 and doc["keep_trigger_masks"] is True and doc["quick"] is True
+    assert doc["embed_steps"] == 3 and doc["keep_trigger_masks"] is False and doc["quick"] is True
     assert doc["per_cell_decoys"] is True and doc["lr"] == 5e-3
     assert len(doc["trials"]) == 4 and 0.0 <= doc["asr"] <= 1.0
     assert doc["harmlessness"]["key_image"]["original_foreground_fraction"] >= 0.0
@@ -334,11 +334,13 @@ def test_embed_step_times_both_recipes(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["study"] == "embed_step" and doc["settings"]["smoke"] is True
     assert doc["environment"]["device"].startswith("cpu")
-    for name in ("default", "keep_trigger_masks"):
+    for name in ("default", "keep_trigger_masks", "keep_trigger_masks_torch_argmax"):
         assert _num(doc["ms_per_step"][name]["median"]) and doc["ms_per_step"][name]["median"] > 0
         assert len(doc["ms_per_step"][name]["repeats"]) == 1
-    assert _num(doc["keep_masks_overhead"])
+    assert _num(doc["keep_masks_overhead"]) and _num(doc["keep_masks_overhead_torch_argmax"])
     assert all(_num(v) and v > 0 for v in doc["class_of_decoy_batch_ms"].values())
     assert "seed" not in json.dumps(doc["settings"])
+    from StealthMarkLib import embed, models
+    assert embed.class_map is models.class_map                 # the loop's own class map is back
     assert embed_step.main(["--smoke", "--cache", str(tmp_path / "cache"), "--out-dir", str(tmp_path), "--steps", "0"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "embed_step.json"]
