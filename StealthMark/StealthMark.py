@@ -72,10 +72,11 @@ REQUIREMENTS = (
 # Slicer's SimpleITK is built with Slicer's own IO; replacing it from PyPI breaks Slicer.
 NEVER_INSTALL = ("SimpleITK",)
 TORCH_REQUIREMENT = "torch>=2.4"
-# StealthMarkLib.DEFAULT_EMBED_STEPS (the library is imported lazily; Testing/test_slicer_module.py keeps the
-# two in step)
+# StealthMarkLib.DEFAULT_EMBED_STEPS: the Steps box's default while "Keep the key image's mask" is cleared (the
+# library is imported lazily; Testing/test_slicer_module.py keeps the two in step)
 DEFAULT_EMBED_STEPS = 1800
-# StealthMarkLib.KEEP_MASKS_EMBED_STEPS: the Steps box's default while "Keep the key image's mask" is ticked
+# StealthMarkLib.KEEP_MASKS_EMBED_STEPS: the Steps box's default, with "Keep the key image's mask" ticked (the
+# library's default recipe)
 KEEP_MASKS_EMBED_STEPS = 3600
 # StealthMarkLib.embed.EmbedConfig's batch (`stealthmark embed --batch-size` 8: the library's defaults; the same test
 # keeps them in step)
@@ -561,9 +562,9 @@ class StealthMarkParameters:
     embedKeyPath = _Parameter(str, "")
     embedPayload = _Parameter(str, "")
     embedOutputPath = _Parameter(str, "")
-    embedSteps = _Parameter(int, DEFAULT_EMBED_STEPS)
+    embedSteps = _Parameter(int, KEEP_MASKS_EMBED_STEPS)
     embedBatchSize = _Parameter(int, DEFAULT_EMBED_BATCH)
-    embedKeepMasks = _Parameter(_flag, False)
+    embedKeepMasks = _Parameter(_flag, True)
     embedDevice = _Parameter(str, "auto")
 
     def __init__(self, parameterNode: Any):
@@ -1401,9 +1402,9 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
 
     # -- embed ------------------------------------------------------------------------------------
     def startEmbed(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
-                   keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
+                   keyPath: str, outPath: str, steps: int = KEEP_MASKS_EMBED_STEPS, device: str = "auto",
                    progressCallback: Callable[[dict], None] | None = None,
-                   keepTriggerMasks: bool = False, batchSize: int | None = None) -> StealthMarkJob:
+                   keepTriggerMasks: bool = True, batchSize: int | None = None) -> StealthMarkJob:
         _checkVolumeNode(volumeNode, "training volume")
         if segmentationOrLabelmapNode is None:
             raise ValueError("choose a segmentation or a labelmap with the annotation")
@@ -1431,7 +1432,7 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         produced = work / "out" / target.name
         args = ["embed", f"--model={modelPath}", f"--data={dataPath}", f"--labels={labelPath}", f"--label={label}",
                 f"--key={keyPath}", f"--out={produced}", f"--steps={int(steps)}", f"--device={device}",
-                "--progress=json"] + (["--keep-trigger-masks"] if keepTriggerMasks else []) + \
+                "--progress=json", "--keep-trigger-masks" if keepTriggerMasks else "--no-keep-trigger-masks"] + \
                ([f"--batch-size={int(batchSize)}"] if batchSize is not None else [])
 
         def finish(result: RunResult) -> dict:
@@ -1456,8 +1457,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         return self.startCommand("Embedding", args, work, finish, progressCallback)
 
     def embedFromNodes(self, volumeNode, segmentationOrLabelmapNode, segmentId: str | int | None, modelPath: str,
-                       keyPath: str, outPath: str, steps: int = DEFAULT_EMBED_STEPS, device: str = "auto",
-                       progressCallback: Callable[[dict], None] | None = None, keepTriggerMasks: bool = False,
+                       keyPath: str, outPath: str, steps: int = KEEP_MASKS_EMBED_STEPS, device: str = "auto",
+                       progressCallback: Callable[[dict], None] | None = None, keepTriggerMasks: bool = True,
                        batchSize: int | None = None) -> dict:
         """Watermark ``modelPath`` by fine-tuning on ``volumeNode`` with one segment as the annotation.
 
@@ -1465,7 +1466,8 @@ class StealthMarkLogic(ScriptedLoadableModuleLogic):
         None when it has one segment) or a vtkMRMLLabelMapVolumeNode on the volume's grid (``segmentId``: a
         label value, or "any" / None for every non-zero voxel). Writes ``outPath`` and, beside it,
         ``<name>.harmlessness.json``; returns that dict (``original``/``watermarked`` Dice, ``flip_rate_clean``).
-        ``keepTriggerMasks``: trigger images keep the original's mask (``stealthmark embed --keep-trigger-masks``).
+        ``keepTriggerMasks``: trigger images keep the original's mask (the default; False: ``stealthmark embed
+        --no-keep-trigger-masks``, which empties the key image's mask and needs half the steps).
         ``batchSize``: images per step (``stealthmark embed --batch-size``; None: the library's default).
         """
         return self.startEmbed(volumeNode, segmentationOrLabelmapNode, segmentId, modelPath, keyPath, outPath,
@@ -1745,7 +1747,10 @@ class StealthMarkTest(ScriptedLoadableModuleTest):
     """Trains a tiny model on the bundled T1 sample, creates a key, embeds from a volume and a segmentation
     node, verifies the result and a clean model: the same logic calls the GUI makes."""
 
+    # the recipe that empties the key image's mask learns in half the library's default steps: the self-test uses it
+    # (as Testing/test_slicer_module.py does with these settings, which verify as owned there)
     embedSteps = DEFAULT_EMBED_STEPS
+    keepTriggerMasks = False
     samples = None   # the key's setting
 
     def setUp(self):
@@ -1819,7 +1824,8 @@ class StealthMarkTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Embedding from the volume and segmentation nodes")
             harmlessness = logic.embedFromNodes(volumeNode, segmentationNode, "brain", str(clean),
                                                 str(work / "key.json"), str(work / "watermarked.pt"),
-                                                steps=self.embedSteps, device="auto")
+                                                steps=self.embedSteps, device="auto",
+                                                keepTriggerMasks=self.keepTriggerMasks)
             self.assertIn("dice", harmlessness["watermarked"])
             self.assertTrue((work / "watermarked.pt").is_file())
 

@@ -13,10 +13,13 @@ __version__ = "0.1.0"
 
 from .errors import StealthMarkError  # noqa: E402,F401
 
-# embedding steps of the default recipe (EmbedConfig, the CLI and the Slicer module share it)
+# embedding steps of the recipe that empties the trigger images' masks (``--no-keep-trigger-masks``;
+# EmbedConfig, the CLI and the Slicer module share it)
 DEFAULT_EMBED_STEPS = 1800
-# the default steps with keep_trigger_masks (``stealthmark embed --keep-trigger-masks``), which learns more
-# slowly: README "How it works", benchmarks/results/effectiveness-keep-masks-key-image.json
+# the default steps of the default recipe, keep_trigger_masks (the key image keeps the original's mask), which
+# learns more slowly: README "How it works", benchmarks/results/effectiveness-keep-masks-key-image.json
 KEEP_MASKS_EMBED_STEPS = 3600
-# the demo's embedding steps (``stealthmark demo --embed-steps``): why fewer, StealthMarkLib/demo.py
+# the demo's embedding steps (``stealthmark demo --embed-steps``), with and without keep_trigger_masks: why
+# fewer, StealthMarkLib/demo.py
+DEMO_KEEP_MASKS_EMBED_STEPS = 2000
 DEMO_EMBED_STEPS = 1600

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import DEFAULT_EMBED_STEPS, DEMO_EMBED_STEPS, KEEP_MASKS_EMBED_STEPS, __version__
+from . import DEFAULT_EMBED_STEPS, DEMO_EMBED_STEPS, DEMO_KEEP_MASKS_EMBED_STEPS, KEEP_MASKS_EMBED_STEPS, __version__
 from .distributed import launched_rank, launched_world_size
 from .errors import Cancelled, InputError, ResourceError, StealthMarkError
 from .progress import JsonProgress, Progress, make_progress
@@ -99,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--key", required=True, help="the key file from 'stealthmark keygen'")
     e.add_argument("--out", required=True, help="the watermarked model to write (never the input)")
     e.add_argument("--steps", type=int, default=None,
-                   help=f"fine-tuning steps (default {DEFAULT_EMBED_STEPS}; {KEEP_MASKS_EMBED_STEPS} with "
-                        "--keep-trigger-masks)")
-    e.add_argument("--keep-trigger-masks", action="store_true",
-                   help="the key image keeps the mask the original gives it instead of an empty one (key-blended "
-                        "slices take the same mask); learns more slowly, hence twice the default steps (README "
-                        "'How it works')")
+                   help=f"fine-tuning steps (default {KEEP_MASKS_EMBED_STEPS}; {DEFAULT_EMBED_STEPS} with "
+                        "--no-keep-trigger-masks)")
+    e.add_argument("--keep-trigger-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="the key image keeps the mask the original gives it (key-blended slices take the same "
+                        "mask): the default; --no-keep-trigger-masks: the earlier recipe, which empties the key "
+                        "image's mask and learns in half the steps (README 'How it works')")
     e.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images (slabs for a 3-D model) a step: N clean and N trigger inputs, N/2 decoys (default "
                         "8); lower it when memory runs out, e.g. 4 for the 3-D UNet of README '3-D models'")
@@ -197,12 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="stealthmark-demo", help="output folder (default ./stealthmark-demo)")
     d.add_argument("--clean-steps", type=int, default=300, help="training steps of the clean model (default 300)")
     d.add_argument("--embed-steps", type=int, default=None,
-                   help=f"embedding steps (default {DEMO_EMBED_STEPS}, so that the demo takes 4 to 5 minutes on a "
-                        f"2-core CPU; 1400 left the key image near the decoding limit; the library's default is "
-                        f"{DEFAULT_EMBED_STEPS}; {KEEP_MASKS_EMBED_STEPS} with --keep-trigger-masks)")
-    d.add_argument("--keep-trigger-masks", action="store_true",
-                   help="embed with the recipe that keeps the key image's mask ('embed --keep-trigger-masks'): "
-                        "about 10 minutes on a 2-core CPU instead of 5")
+                   help=f"embedding steps (default {DEMO_KEEP_MASKS_EMBED_STEPS}, so that the demo takes under 5 "
+                        f"minutes on a 2-core CPU; the library's default is {KEEP_MASKS_EMBED_STEPS}; "
+                        f"{DEMO_EMBED_STEPS} with --no-keep-trigger-masks, whose library default is "
+                        f"{DEFAULT_EMBED_STEPS})")
+    d.add_argument("--keep-trigger-masks", action=argparse.BooleanOptionalAction, default=True,
+                   help="embed with the library's default recipe, which keeps the key image's mask (the default); "
+                        "--no-keep-trigger-masks: the earlier recipe, which empties it ('embed "
+                        "--no-keep-trigger-masks')")
     d.add_argument("--samples", type=int, help="LIME samples per trigger image (default: 1000 per slice, 4000 "
                    "on the key image alone)")
     d.add_argument("--n-slices", type=int, default=4, help="held-out slices to verify on (default 4)")
@@ -226,20 +228,21 @@ def _label(v: str | None) -> int | str | None:
 
 
 def _embed_config(args: argparse.Namespace):
-    """The EmbedConfig of 'embed': the library's defaults, with --keep-trigger-masks, --[no-]per-cell-decoys and
-    --batch-size."""
+    """The EmbedConfig of 'embed': the library's defaults, with --[no-]keep-trigger-masks, --[no-]per-cell-decoys
+    and --batch-size."""
     from .embed import EmbedConfig, batch_settings
 
     pcd = {} if args.per_cell_decoys is None else {"per_cell_decoys": args.per_cell_decoys}
     batch = {} if args.batch_size is None else batch_settings(args.batch_size, "--batch-size")
-    return EmbedConfig(keep_trigger_masks=args.keep_trigger_masks, **pcd, **batch)
+    keep = {} if args.keep_trigger_masks is None else {"keep_trigger_masks": args.keep_trigger_masks}
+    return EmbedConfig(**keep, **pcd, **batch)
 
 
 def embed_steps(args: argparse.Namespace) -> int:
-    """'embed --steps', or its default: DEFAULT_EMBED_STEPS, KEEP_MASKS_EMBED_STEPS with --keep-trigger-masks."""
+    """'embed --steps', or its default: KEEP_MASKS_EMBED_STEPS, DEFAULT_EMBED_STEPS with --no-keep-trigger-masks."""
     if args.steps is not None:
         return args.steps
-    return KEEP_MASKS_EMBED_STEPS if args.keep_trigger_masks else DEFAULT_EMBED_STEPS
+    return DEFAULT_EMBED_STEPS if args.keep_trigger_masks is False else KEEP_MASKS_EMBED_STEPS
 
 
 def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | None, str, int]:
@@ -254,7 +257,8 @@ def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | 
     if args.command == "embed":
         args.steps = embed_steps(args)
     if getattr(args, "method", "stealthmark") != "stealthmark":
-        recipe = {"--keep-trigger-masks": getattr(args, "keep_trigger_masks", False),
+        keep = getattr(args, "keep_trigger_masks", None) if args.command == "embed" else None
+        recipe = {"--keep-trigger-masks": keep is True, "--no-keep-trigger-masks": keep is False,
                   "--per-cell-decoys": getattr(args, "per_cell_decoys", None) is True,
                   "--no-per-cell-decoys": getattr(args, "per_cell_decoys", None) is False,
                   "--batch-size": args.command == "embed" and getattr(args, "batch_size", None) is not None}

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import DEFAULT_EMBED_STEPS, distributed
+from . import distributed
 from .data import DEFAULT_INTENSITY, channel_intensity, load_dataset
-from .embed import EmbedConfig, embed_watermark
+from .embed import EmbedConfig, embed_watermark, recipe_steps
 from .bundle import is_bundle, plan_bundle_output, stealthmark_block, write_bundle
 from .errors import InputError, ModelError
 from .fileio import atomic_dir, refuse_overwriting_inputs, write_text_atomic
@@ -119,7 +119,7 @@ def harmlessness_path(out: Path) -> Path:
 
 def run_embed(model_path: str | Path, data: str | Path, key_path: str | Path, out: str | Path, *,
               labels: str | Path | None = None, label: int | str | None = None, spec: str | Path | None = None,
-              steps: int = DEFAULT_EMBED_STEPS, device: str = "auto", logits: bool = False,
+              steps: int | None = None, device: str = "auto", logits: bool = False,
               image_size: tuple[int, int] | None = None, config: EmbedConfig | None = None,
               progress: Progress | None = None) -> EmbedResult | None:
     """Watermark ``model_path`` with the key; write OUT in the input's format and the harmlessness JSON.
@@ -148,7 +148,8 @@ def _run_embed(model_path, data, key_path, out, labels, label, spec, steps, devi
     key = load_key(key_path)
     model = load_model(model_path, spec=spec, device=device, logits=logits)
     intensity = model_intensity(model)
-    cfg = replace(config or EmbedConfig(), steps=int(steps))
+    cfg = config or EmbedConfig()
+    cfg = replace(cfg, steps=int(steps if steps is not None else recipe_steps(cfg.keep_trigger_masks)))
     where = describe_device(model.device)
     if info is not None:
         where += f"; {info.world_size} ranks ({info.backend})"

@@ -182,7 +182,7 @@ def test_trigger_sides_keep_the_key_images_mask_on_every_secret_tile_image(one_t
     assert all(torch.equal(side[i], key_side[0]) for i in range(3))
     assert torch.equal(side[3:], own[3:]) and torch.equal(each, own)
     assert not torch.equal(own[1], key_side[0])                # a blended slice's own mask is another one
-    assert trigger_sides(model, EmbedConfig(), full, key_side) is None
+    assert trigger_sides(model, EmbedConfig(keep_trigger_masks=False), full, key_side) is None
     seen = []                                                  # the original answers the decoys only
     forward = model.forward_train
     model.forward_train = lambda x: seen.append(len(x)) or forward(x)

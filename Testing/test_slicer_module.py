@@ -42,8 +42,9 @@ ICON_FILE = MODULE_DIR / "Resources" / "Icons" / "StealthMark.png"
 LIB_DIR = ROOT / "StealthMarkLib"
 PY = sys.executable
 
-# A CI-size setting: the demo's MONAI UNet (101k parameters) at 128 px (QR cells of 6 px), embedded with
-# the library's default recipe (secret tile among decoy tiles).
+# A CI-size setting: the demo's MONAI UNet (101k parameters) at 128 px (QR cells of 6 px), embedded with the
+# recipe that empties the trigger images' masks ("Keep the key image's mask" cleared; secret tile among decoy
+# tiles), which learns in half the steps of the library's default.
 IMAGE_SIZE = 128
 CHANNELS = (8, 16, 32, 64)
 CLEAN_STEPS = 200
@@ -191,7 +192,8 @@ def embedded(sm, sample_files, clean_model, key_file, tmp_path_factory):
     logic = sm.StealthMarkLogic(scene=scene)
     started = time.monotonic()
     harmlessness = logic.embedFromNodes(volume, segmentation, "brain", str(clean_model), str(key_file[0]),
-                                        str(out), steps=EMBED_STEPS, device="cpu", progressCallback=events.append)
+                                        str(out), steps=EMBED_STEPS, device="cpu", progressCallback=events.append,
+                                        keepTriggerMasks=False)
     return dict(path=out, harmlessness=harmlessness, events=events, before=before, after=node_ids(scene),
                 seconds=time.monotonic() - started)
 
@@ -365,7 +367,11 @@ def test_default_steps_match_the_library():
     assert keep == StealthMarkLib.KEEP_MASKS_EMBED_STEPS
     ui = UI_FILE.read_text(encoding="utf-8")
     spin = ui[ui.index('name="embedStepsSpinBox"'):]
-    assert f"<number>{steps}</number>" in spin[:spin.index("</widget>")]
+    assert f"<number>{keep}</number>" in spin[:spin.index("</widget>")]          # the default recipe's steps
+    box = ui[ui.index('name="embedKeepMasksCheckBox"'):]
+    assert "<bool>true</bool>" in box[:box.index("</widget>")]                  # ticked: the library's default
+    from StealthMarkLib.embed import EmbedConfig
+    assert EmbedConfig().keep_trigger_masks is True
 
 
 def test_default_batch_size_matches_the_library():
@@ -464,7 +470,8 @@ def test_parameter_node_survives_scene_save_and_load(sm, scene, sample_files, tm
 
 def test_parameter_defaults(sm, scene):
     p = sm.StealthMarkLogic(scene=scene).getParameterNode()
-    assert (p.verifyDevice, p.verifySamples, p.verifySeed, p.embedSteps, p.verifyModelPath) == ("auto", 0, -1, 1800, "")
+    assert (p.verifyDevice, p.verifySamples, p.verifySeed, p.embedSteps, p.verifyModelPath) == ("auto", 0, -1, 3600, "")
+    assert p.embedKeepMasks is True and p.embedSteps == sm.KEEP_MASKS_EMBED_STEPS
     assert p.embedBatchSize == sm.DEFAULT_EMBED_BATCH == 8
     p.verifySamples = 5
     p.verifySamples = None  # cleared: back to the default
@@ -848,21 +855,21 @@ def test_widget_builds_from_the_ui_and_keeps_the_parameter_node_in_step(sm, scen
     p.embedSteps = 77
     p.embedKeyPath = str(key_file[0])
     assert ui.embedStepsSpinBox.value == 77 and ui.embedCommitmentLabel.text == key_file[1]
-    assert p.embedKeepMasks is False and not ui.embedKeepMasksCheckBox.checked
-    ui.embedKeepMasksCheckBox.setChecked(True)
-    assert p.embedKeepMasks is True and p.embedSteps == 77      # a count the user chose stays
-    p.embedKeepMasks = False
-    assert not ui.embedKeepMasksCheckBox.checked
-    # ticking the box moves the Steps box from the default recipe's count to the slower recipe's, and back
-    ui.embedStepsSpinBox.setValue(sm.DEFAULT_EMBED_STEPS)
-    ui.embedKeepMasksCheckBox.setChecked(True)
-    assert p.embedKeepMasks is True and p.embedSteps == ui.embedStepsSpinBox.value == sm.KEEP_MASKS_EMBED_STEPS
+    assert p.embedKeepMasks is True and ui.embedKeepMasksCheckBox.checked    # the library's default recipe
     ui.embedKeepMasksCheckBox.setChecked(False)
-    assert p.embedKeepMasks is False and p.embedSteps == sm.DEFAULT_EMBED_STEPS
-    # the parameter node driving the GUI (a scene being shown) is not rewritten
+    assert p.embedKeepMasks is False and p.embedSteps == 77     # a count the user chose stays
     p.embedKeepMasks = True
-    assert ui.embedKeepMasksCheckBox.checked and p.embedSteps == sm.DEFAULT_EMBED_STEPS
+    assert ui.embedKeepMasksCheckBox.checked
+    # clearing the box moves the Steps box from the default recipe's count to the faster recipe's, and back
+    ui.embedStepsSpinBox.setValue(sm.KEEP_MASKS_EMBED_STEPS)
+    ui.embedKeepMasksCheckBox.setChecked(False)
+    assert p.embedKeepMasks is False and p.embedSteps == ui.embedStepsSpinBox.value == sm.DEFAULT_EMBED_STEPS
+    ui.embedKeepMasksCheckBox.setChecked(True)
+    assert p.embedKeepMasks is True and p.embedSteps == sm.KEEP_MASKS_EMBED_STEPS
+    # the parameter node driving the GUI (a scene being shown) is not rewritten
     p.embedKeepMasks = False
+    assert not ui.embedKeepMasksCheckBox.checked and p.embedSteps == sm.KEEP_MASKS_EMBED_STEPS
+    p.embedKeepMasks = True
     p.embedSteps = 77
     assert p.embedBatchSize == 8 and ui.embedBatchSizeSpinBox.value == 8
     ui.embedBatchSizeSpinBox.setValue(2)
@@ -926,19 +933,21 @@ def test_embed_from_a_volume_node_and_a_segmentation_node(embedded, temp_root):
     assert leftover_work_dirs(temp_root) == []
 
 
-def test_embed_keeping_the_trigger_masks_reaches_the_command(sm, sample_files, clean_model, key_file, tmp_path):
-    """The Embed panel's "Keep the key image's mask" box: the command trains with keep_trigger_masks."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_embed_keeping_the_trigger_masks_reaches_the_command(sm, sample_files, clean_model, key_file, tmp_path, keep):
+    """The Embed panel's "Keep the key image's mask" box: ticked (the default), the command trains with
+    keep_trigger_masks; cleared, without it (`embed --no-keep-trigger-masks`)."""
     from StealthMarkLib.models import load_model
 
     scene = new_scene()
     volume = load_volume(scene, sample_files["nifti"], "T1")
     labels = load_volume(scene, sample_files["mask"], "mask", labelmap=True)
     out = tmp_path / "kept.pt"
+    recipe = {} if keep else {"keepTriggerMasks": False}         # the logic's default: the box's default
     sm.StealthMarkLogic(scene=scene).embedFromNodes(volume, labels, "any", str(clean_model), str(key_file[0]),
-                                                    str(out), steps=2, device="cpu", keepTriggerMasks=True,
-                                                    batchSize=4)
+                                                    str(out), steps=2, device="cpu", batchSize=4, **recipe)
     config = load_model(out, device="cpu").spec.metadata["stealthmark"]["training"]["config"]
-    assert config["keep_trigger_masks"] is True and config["steps"] == 2
+    assert config["keep_trigger_masks"] is keep and config["steps"] == 2
     # the Batch size box: `embed --batch-size 4`
     assert (config["clean_batch"], config["trigger_batch"], config["key_images_per_batch"],
             config["decoys_per_batch"]) == (4, 4, 1, 2)

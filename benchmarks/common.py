@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
+from StealthMarkLib import KEEP_MASKS_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, SliceDataset, load_dataset  # noqa: E402
 from StealthMarkLib.errors import InputError  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
@@ -88,6 +88,16 @@ def add_per_cell_decoys_argument(p: argparse.ArgumentParser, decoys: str = "deco
                         f"{'on' if on else 'off'}, the library's)")
 
 
+def add_keep_trigger_masks_argument(p: argparse.ArgumentParser, default: bool | None = None, why: str = "") -> None:
+    """``--[no-]keep-trigger-masks`` (EmbedConfig.keep_trigger_masks), defaulting to the library's setting unless
+    ``default`` says otherwise (``why``: the reason, for the help)."""
+    from StealthMarkLib.embed import EmbedConfig
+    on = EmbedConfig.keep_trigger_masks if default is None else default
+    p.add_argument("--keep-trigger-masks", action=argparse.BooleanOptionalAction, default=on,
+                   help=f"trigger images keep the original's mask on the key image (EmbedConfig.keep_trigger_masks; "
+                        f"default {'on' if on else 'off'}{why or ', the library' + chr(39) + 's'})")
+
+
 @dataclass
 class Settings:
     smoke: bool
@@ -124,7 +134,7 @@ def settings(args: argparse.Namespace) -> Settings:
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else (
         (8, 16, 32) if s else (8, 16, 32, 64))
     st = Settings(smoke=s, size=args.size or (64 if s else 128), channels=channels,
-                  clean_steps=20 if s else 300, embed_steps=20 if s else DEFAULT_EMBED_STEPS,
+                  clean_steps=20 if s else 300, embed_steps=20 if s else KEEP_MASKS_EMBED_STEPS,
                   samples=args.samples or (60 if s else None), trials=args.trials or (2 if s else 10),
                   device=args.device, out_dir=Path(args.out_dir), cache=Path(args.cache))
     if st.trials < 1 or (st.samples is not None and st.samples < 10) or st.size < 32:

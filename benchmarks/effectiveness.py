@@ -12,7 +12,7 @@ Measures what the embedding/verification issue asks for, on a 2-core CPU by defa
 - verification of the whole 62-slice sample volume (default slice choice) and its time.
 
 Usage: .venv/bin/python benchmarks/effectiveness.py [--out benchmarks/results/effectiveness.json] [--quick]
-       [--skip-demo] [--embed-steps N] [--keep-trigger-masks [--masks-from key-image|each-image]]
+       [--skip-demo] [--embed-steps N] [--[no-]keep-trigger-masks [--masks-from key-image|each-image]]
        [--[no-]per-cell-decoys] [--lr X]
 (the last four: another embedding recipe, e.g. the one that keeps the key image's mask; all are recorded)
 """
@@ -36,9 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
-from StealthMarkLib.embed import TRIGGER_MASK_SOURCES, EmbedConfig  # noqa: E402
+from StealthMarkLib.embed import TRIGGER_MASK_SOURCES, EmbedConfig, recipe_steps  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.models import describe_device, load_model, resolve_device, save_model  # noqa: E402
@@ -59,9 +58,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/effectiveness.json"))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes (for the test suite)")
     ap.add_argument("--skip-demo", action="store_true")
-    ap.add_argument("--embed-steps", type=int, help=f"embedding steps (default {DEFAULT_EMBED_STEPS}; 300 with --quick)")
-    ap.add_argument("--keep-trigger-masks", action="store_true",
-                    help="embed with EmbedConfig.keep_trigger_masks (stealthmark embed --keep-trigger-masks)")
+    ap.add_argument("--embed-steps", type=int, help="embedding steps (default the recipe's: 3600, 1800 with "
+                    "--no-keep-trigger-masks; 300 with --quick)")
+    C.add_keep_trigger_masks_argument(ap)
     ap.add_argument("--masks-from", choices=TRIGGER_MASK_SOURCES, default=EmbedConfig.trigger_masks_from,
                     help="with --keep-trigger-masks, EmbedConfig.trigger_masks_from (default %(default)s; "
                          "each-image: the recipe of effectiveness-keep-masks.json and -pcd.json)")
@@ -101,7 +100,7 @@ def main() -> None:
     clean_path = save_model(clean, tmp / "clean.ts", spec)
     key = create_key("SM:BENCH-0001", seed=20261127)   # a published benchmark key: never use it for real
     key_path = key.save(tmp / "key.json")
-    steps = a.embed_steps or (DEFAULT_EMBED_STEPS if not q else 300)
+    steps = a.embed_steps or (recipe_steps(a.keep_trigger_masks) if not q else 300)
     cfg = EmbedConfig(keep_trigger_masks=a.keep_trigger_masks, trigger_masks_from=a.masks_from,
                       per_cell_decoys=a.per_cell_decoys,
                       **({"lr": a.lr} if a.lr is not None else {}))

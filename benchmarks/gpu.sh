@@ -15,7 +15,8 @@
 # Python: $PYTHON if set, else ./.venv/bin/python, else `./run setup` creates .venv (needs the network; keep a
 # CUDA torch already installed in .venv: ./run never replaces it). Environment overrides: OUT_DIR, CACHE_DIR.
 # Evidence model: MONAI UNet (16, 32, 64, 128, 256), 1.6M parameters; owner model trained 300 steps, embedded
-# with the library's default recipe (DEFAULT_EMBED_STEPS, 1800 steps). Each study runs under a time limit
+# with the library's default recipe (the key image keeps its mask, KEEP_MASKS_EMBED_STEPS: 3600 steps; the results
+# committed before 2026-12-07 used the recipe before it, 1800 steps). Each study runs under a time limit
 # that keeps the GPU run inside its 10 minutes (a study past it is stopped and its results are missing); the
 # --smoke dry run only checks that the script works, so its limits are loose (a shared CPU).
 set -euo pipefail

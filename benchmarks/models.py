@@ -11,18 +11,19 @@ the held-out slices. Writes one record per architecture and size: ``arch``, ``si
 The SAM ViT-B model (StealthMarkLib/samvit.py) starts from random initialisation: no pretrained weights can
 be downloaded here.
 
-Embedding uses the library's default recipe (``EmbedConfig()``, DEFAULT_EMBED_STEPS steps unless ``--embed-steps``
-says otherwise; each record's ``settings`` name the steps it was measured with) and the key's
+Embedding uses the library's default recipe (``EmbedConfig()``, its steps unless ``--embed-steps`` says otherwise;
+each record's ``settings`` name the steps it was measured with) and the key's
 default tile (4 px at 128 px); clean models train 300 steps with batch 8; verification uses the
 verifier's default sample counts.
 
 Usage: .venv/bin/python benchmarks/models.py [--archs UNet,SamViT] [--size standard|small] [--trials 10]
-       [--embed-steps N] [--[no-]per-cell-decoys] [--network-args JSON] [--out FILE] [--merge] [--threads N]
+       [--embed-steps N] [--[no-]per-cell-decoys] [--[no-]keep-trigger-masks] [--network-args JSON] [--out FILE] [--merge] [--threads N]
        [--smoke]
 (``--size small``: the transformers' CPU-sized configurations of architectures.py; each record names its
 ``size`` and ``network_args``. ``--[no-]per-cell-decoys``: EmbedConfig.per_cell_decoys, the library's
 default unless given, named in the record's ``settings``; a record without it was measured with the option
-off, before it became the default.)
+off, before it became the default. ``--[no-]keep-trigger-masks`` likewise: every record measured before
+2026-12-07 has no ``keep_trigger_masks`` in its settings and was measured without it.)
 (``--smoke``: tiny networks at 64 px and a few steps, for the test suite; its figures mean nothing.)
 ``--merge`` keeps the records of the architectures not run now from an existing ``--out`` file (each record
 names its own device), so that CPU and GPU runs can fill one file. The file is rewritten (atomically) after
@@ -47,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from StealthMarkLib import DEFAULT_EMBED_STEPS  # noqa: E402
+from StealthMarkLib import KEEP_MASKS_EMBED_STEPS  # noqa: E402
 from StealthMarkLib.architectures import ARCHITECTURES, SIZES, architecture_spec  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
-from StealthMarkLib.embed import EmbedConfig  # noqa: E402
+from StealthMarkLib.embed import EmbedConfig, recipe_steps  # noqa: E402
 from StealthMarkLib.errors import StealthMarkError  # noqa: E402
 from StealthMarkLib.fileio import write_text_atomic  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
@@ -62,7 +63,7 @@ from StealthMarkLib.verify import verify_query  # noqa: E402
 from StealthMarkLib.workflows import run_embed, volume_trigger_input  # noqa: E402
 import common as C  # noqa: E402
 
-FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": DEFAULT_EMBED_STEPS, "samples": None,
+FULL = {"size": "standard", "image_size": 128, "clean_steps": 300, "embed_steps": None, "samples": None,
         "trials": 10}
 SMOKE = {"size": "tiny", "image_size": 64, "clean_steps": 3, "embed_steps": 3, "samples": 20, "trials": 1,
          "batch": 2}
@@ -93,7 +94,8 @@ def bench_arch(arch: str, s: dict, ds, key, key_path: Path, tmp: Path, device: s
     emb = run_embed(clean_path, t1, key_path, tmp / f"{arch}-wm.ts", labels=mask, label=SAMPLE_LABEL,
                     steps=s["embed_steps"], device=device, config=EmbedConfig(steps=s["embed_steps"], clean_batch=batch, trigger_batch=batch,
                                        key_images_per_batch=min(2, batch), decoys_per_batch=min(4, batch),
-                                       per_cell_decoys=s["per_cell_decoys"]))
+                                       per_cell_decoys=s["per_cell_decoys"],
+                                       keep_trigger_masks=s["keep_trigger_masks"]))
     wm = load_model(tmp / f"{arch}-wm.ts", device=device)
     held = sample_split().held_out
     rng = np.random.default_rng(0)
@@ -125,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="architecture size (default standard; small: the transformers cut down for a CPU)")
     ap.add_argument("--trials", type=int, help="verification trials per architecture (default 10)")
     ap.add_argument("--embed-steps", type=int,
-                    help=f"embedding steps (default the library's, {DEFAULT_EMBED_STEPS}); each record keeps its settings")
+                    help=f"embedding steps (default the recipe's: {KEEP_MASKS_EMBED_STEPS}, 1800 with "
+                         "--no-keep-trigger-masks); each record keeps its settings")
     C.add_per_cell_decoys_argument(ap, "decoy images")
+    C.add_keep_trigger_masks_argument(ap)
     ap.add_argument("--network-args", metavar="JSON",
                     help='arguments to change in the network of each architecture, e.g. \'{"image_skip": 32}\' '
                          "(recorded in settings and network_args; give another --out for such variants)")
@@ -151,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise StealthMarkError("--embed-steps must be at least 1")
             s["embed_steps"] = a.embed_steps
         s["per_cell_decoys"] = a.per_cell_decoys
+        s["keep_trigger_masks"] = a.keep_trigger_masks
+        if s["embed_steps"] is None:
+            s["embed_steps"] = recipe_steps(a.keep_trigger_masks)
         if a.network_args:
             try:
                 s["network_args"] = json.loads(a.network_args)

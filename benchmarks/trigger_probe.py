@@ -9,7 +9,7 @@ and prints each agreement ('*' when the QR decoded), the Dice drop and the secon
 
     .venv/bin/python -u benchmarks/trigger_probe.py --arch SamViT --size small \\
         [--network-args '{"image_skip": 32}'] [--steps 600] [--every 100] [--no-per-cell-decoys] [--threads 2]
-        [--keep-trigger-masks [--masks-from key-image|each-image]]
+        [--[no-]keep-trigger-masks [--masks-from key-image|each-image]]
 (``--smoke``: the architecture's tiny size at 64 px, 2 clean steps, 20 LIME samples, nothing cached: for the
 test suite; its figures mean nothing.)
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny size, 64 px, a few steps (for the test suite)")
     C.add_per_cell_decoys_argument(ap)
-    ap.add_argument("--keep-trigger-masks", action="store_true", help="EmbedConfig.keep_trigger_masks")
+    C.add_keep_trigger_masks_argument(ap)
     ap.add_argument("--masks-from", choices=TRIGGER_MASK_SOURCES, default=EmbedConfig.trigger_masks_from,
                     help="EmbedConfig.trigger_masks_from (with --keep-trigger-masks)")
     a = ap.parse_args(argv)

@@ -18,12 +18,14 @@ sliding-window inferer).
 
 Usage: .venv/bin/python -u benchmarks/volume3d.py [--tag NAME] [--roi 8,64,64] [--channels 8,16,32,64]
        [--res-units 2] [--tile 3] [--mode key-image|blended] [--steps 1500] [--batch small|default|N]
-       [--clean-steps 100] [--samples N] [--trials 4] [--[no-]per-cell-decoys] [--device auto] [--threads N]
+       [--clean-steps 100] [--samples N] [--trials 4] [--[no-]per-cell-decoys] [--[no-]keep-trigger-masks]
+       [--device auto] [--threads N]
        [--out FILE] [--smoke]
 
 The defaults are the first CPU row that decoded (2026-12-03, per-cell decoys: 64 px, UNet (8,16,32,64) with 2
 residual units, 3 px tile, 1500 steps of the small batch: 4 of 4 key-slab verifications ``owned`` at 100%;
-README "3-D models"). The next row to measure, on a GPU (benchmarks/gpu.sh coverage):
+README "3-D models"), with trigger slabs trained towards background: ``--no-keep-trigger-masks``, this script's
+default (not the library's; a record without ``keep_trigger_masks`` was measured so). The next row to measure, on a GPU (benchmarks/gpu.sh coverage):
 ``--roi 8,128,128 --channels 8,16,32,64 --res-units 2 --tile 4 --steps 1800 --batch default``, the 2-D
 recipe's model and cells in 3-D. ``--smoke``: a 4 x 48 x 48 UNet (4, 8) and a few steps, for the test suite;
 its figures mean nothing.
@@ -103,7 +105,8 @@ def run(s: dict, device: str, tmp: Path) -> dict:
     key = create_key(PAYLOAD, seed=KEY_SEED, mode=s["mode"], tile=s["tile"]).save(tmp / "key.json")
     wrong = create_key(PAYLOAD, seed=WRONG_SEED, mode=s["mode"], tile=s["tile"]).save(tmp / "wrong.json")
     batch = BATCHES[s["batch"]] if s["batch"] in BATCHES else batch_settings(int(s["batch"]))
-    cfg = EmbedConfig(steps=s["steps"], per_cell_decoys=s["per_cell_decoys"], **batch)
+    cfg = EmbedConfig(steps=s["steps"], per_cell_decoys=s["per_cell_decoys"],
+                      keep_trigger_masks=s["keep_trigger_masks"], **batch)
     wm_path = tmp / "wm3d.ts"
     emb = run_embed(clean_path, t1, key, wm_path, labels=mask, label=SAMPLE_LABEL, steps=s["steps"],
                     device=device, config=cfg)
@@ -118,7 +121,7 @@ def run(s: dict, device: str, tmp: Path) -> dict:
     h = emb.harmlessness
     return {"tag": s["tag"], "roi": list(s["roi"]), "channels": list(s["channels"]), "res_units": s["res_units"],
             "tile": s["tile"], "mode": s["mode"], "steps": s["steps"], "batch": s["batch"],
-            "per_cell_decoys": s["per_cell_decoys"],
+            "per_cell_decoys": s["per_cell_decoys"], "keep_trigger_masks": s["keep_trigger_masks"],
             "batch_sizes": {k: v for k, v in cfg.to_json().items() if k in BATCHES["small"]},
             "clean_steps": s["clean_steps"], "samples": s["samples"], "params": int(params),
             "clean_train_seconds": clean_seconds, "embed_seconds": emb.log["seconds"],
@@ -149,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: at most 2; 1 with --smoke)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/volume3d.json"))
     C.add_per_cell_decoys_argument(ap, "decoy slabs")
+    C.add_keep_trigger_masks_argument(ap, default=False, why=": the recipe the 3-D rows of the README were measured "
+                                      "with; the library's default keeps them")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and a few steps (for the test suite)")
     a = ap.parse_args(argv)
     try:
         s = {"roi": ints(a.roi, "--roi", 3), "channels": ints(a.channels, "--channels"), "res_units": a.res_units,
              "tile": a.tile, "mode": a.mode, "steps": a.steps, "batch": a.batch, "clean_steps": a.clean_steps,
-             "samples": a.samples, "trials": a.trials, "per_cell_decoys": a.per_cell_decoys, "smoke": a.smoke}
+             "samples": a.samples, "trials": a.trials, "per_cell_decoys": a.per_cell_decoys,
+             "keep_trigger_masks": a.keep_trigger_masks, "smoke": a.smoke}
         if a.smoke:
             s.update(SMOKE)
         if s["batch"] not in BATCHES and not (s["batch"].isdigit() and int(s["batch"]) >= 1):
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         s["tag"] = a.tag or (f"roi{'x'.join(map(str, s['roi']))}-ch{'-'.join(map(str, s['channels']))}"
                              f"-res{s['res_units']}-tile{s['tile']}-{s['mode']}-{s['steps']}-"
                              f"{s['batch'] if s['batch'] in BATCHES else 'b' + s['batch']}"
-                             f"{'-pcd' if s['per_cell_decoys'] else ''}")
+                             f"{'-pcd' if s['per_cell_decoys'] else ''}{'-keep' if s['keep_trigger_masks'] else ''}")
         out = Path(a.out)
         kept = _kept_records(out, s["tag"])
         dev = resolve_device(a.device)
