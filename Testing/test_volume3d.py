@@ -162,7 +162,9 @@ def test_3d_embedding_caches_the_teacher_and_its_targets_are_a_teacher_pass(one_
     slabs = rng.random((5, 4, 48, 48), dtype=np.float32)
     labels = (slabs > 0.5).astype(np.int64)
     key = create_key(PAYLOAD, seed=KEY_SEED, mode="key-image", tile=2)
-    cfg = EmbedConfig(steps=2, clean_batch=3, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1)
+    # trigger slabs trained towards background: keeping their masks adds a teacher pass on the decoys
+    cfg = EmbedConfig(steps=2, clean_batch=3, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1,
+                      keep_trigger_masks=False)
     seen, teacher_inputs = [], []
     kl = embed_mod.kl_to_teacher
     monkeypatch.setattr(embed_mod, "kl_to_teacher", lambda p, t: seen.append(t.clone()) or kl(p, t))
@@ -293,7 +295,8 @@ def test_bad_inputs_say_why_and_write_nothing(world, tmp_path):
 def embedded(world):
     out = world["clean"].parent / "watermarked3d.ts"
     r = cli("embed", "--model", world["clean"], "--data", world["t1"], "--labels", world["mask"], "--label", "any",
-            "--key", world["key"], "--out", out, "--steps", EMBED_STEPS, "--device", "cpu", timeout=900)
+            "--key", world["key"], "--out", out, "--steps", EMBED_STEPS, "--device", "cpu", "--no-keep-trigger-masks",
+            timeout=900)     # the recipe the 3-D benchmarks measured (the default keeping the masks is not, in 3-D)
     assert r.returncode == 0, r.stderr
     harm = json.loads(out.with_name("watermarked3d.harmlessness.json").read_text())
     return out, harm
