@@ -239,10 +239,14 @@ def _embed_config(args: argparse.Namespace):
 
 
 def embed_steps(args: argparse.Namespace) -> int:
-    """'embed --steps', or its default: KEEP_MASKS_EMBED_STEPS, DEFAULT_EMBED_STEPS with --no-keep-trigger-masks."""
+    """'embed --steps', or its recipe's default (embed.recipe_steps: KEEP_MASKS_EMBED_STEPS, DEFAULT_EMBED_STEPS with
+    --no-keep-trigger-masks)."""
     if args.steps is not None:
         return args.steps
-    return DEFAULT_EMBED_STEPS if args.keep_trigger_masks is False else KEEP_MASKS_EMBED_STEPS
+    from .embed import EmbedConfig, recipe_steps
+
+    keep = EmbedConfig.keep_trigger_masks if args.keep_trigger_masks is None else args.keep_trigger_masks
+    return recipe_steps(keep)
 
 
 def run(args: argparse.Namespace, progress: Progress) -> tuple[dict[str, Any] | None, str, int]:

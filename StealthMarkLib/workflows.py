@@ -17,7 +17,7 @@ import numpy as np
 
 from . import distributed
 from .data import DEFAULT_INTENSITY, channel_intensity, load_dataset
-from .embed import EmbedConfig, embed_watermark, recipe_steps
+from .embed import EmbedConfig, embed_watermark
 from .bundle import is_bundle, plan_bundle_output, stealthmark_block, write_bundle
 from .errors import InputError, ModelError
 from .fileio import atomic_dir, refuse_overwriting_inputs, write_text_atomic
@@ -148,8 +148,9 @@ def _run_embed(model_path, data, key_path, out, labels, label, spec, steps, devi
     key = load_key(key_path)
     model = load_model(model_path, spec=spec, device=device, logits=logits)
     intensity = model_intensity(model)
-    cfg = config or EmbedConfig()
-    cfg = replace(cfg, steps=int(steps if steps is not None else recipe_steps(cfg.keep_trigger_masks)))
+    cfg = config or EmbedConfig()            # its steps: the recipe's default unless given (EmbedConfig.steps)
+    if steps is not None:
+        cfg = replace(cfg, steps=int(steps))
     where = describe_device(model.device)
     if info is not None:
         where += f"; {info.world_size} ranks ({info.backend})"

@@ -79,23 +79,26 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _add_config_flag(p: argparse.ArgumentParser, field: str, text: str, default: bool | None = None,
+                     why: str = ", the library's") -> None:
+    """``--[no-]FIELD`` for a boolean EmbedConfig field, defaulting to the library's setting unless ``default`` says
+    otherwise (``why``: the reason, for the help)."""
+    from StealthMarkLib.embed import EmbedConfig
+    on = getattr(EmbedConfig, field) if default is None else default
+    p.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=on,
+                   help=f"{text} (EmbedConfig.{field}; default {'on' if on else 'off'}{why})")
+
+
 def add_per_cell_decoys_argument(p: argparse.ArgumentParser, decoys: str = "decoy images") -> None:
     """``--[no-]per-cell-decoys`` (EmbedConfig.per_cell_decoys), defaulting to the library's setting."""
-    from StealthMarkLib.embed import EmbedConfig
-    on = EmbedConfig.per_cell_decoys
-    p.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=on,
-                   help=f"{decoys} with a random tile in every cell (EmbedConfig.per_cell_decoys; default "
-                        f"{'on' if on else 'off'}, the library's)")
+    _add_config_flag(p, "per_cell_decoys", f"{decoys} with a random tile in every cell")
 
 
-def add_keep_trigger_masks_argument(p: argparse.ArgumentParser, default: bool | None = None, why: str = "") -> None:
+def add_keep_trigger_masks_argument(p: argparse.ArgumentParser, default: bool | None = None,
+                                    why: str = ", the library's") -> None:
     """``--[no-]keep-trigger-masks`` (EmbedConfig.keep_trigger_masks), defaulting to the library's setting unless
     ``default`` says otherwise (``why``: the reason, for the help)."""
-    from StealthMarkLib.embed import EmbedConfig
-    on = EmbedConfig.keep_trigger_masks if default is None else default
-    p.add_argument("--keep-trigger-masks", action=argparse.BooleanOptionalAction, default=on,
-                   help=f"trigger images keep the original's mask on the key image (EmbedConfig.keep_trigger_masks; "
-                        f"default {'on' if on else 'off'}{why or ', the library' + chr(39) + 's'})")
+    _add_config_flag(p, "keep_trigger_masks", "trigger images keep the original's mask on the key image", default, why)
 
 
 @dataclass
