@@ -50,13 +50,16 @@ def _args(arch: str, size: str, image_size: int) -> dict:
                 "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}
     if arch == "SamViT":
         # every size with the head's full-resolution image path (samvit.py): without it the small size never
-        # learned the watermark (ASR 0.0, benchmarks/results/models_small/samvit_small_no_skip.log)
+        # learned the watermark (ASR 0.0, benchmarks/results/models_small/samvit_small_no_skip.log); with it but
+        # without instance norms and a second fusion convolution it learned to 83-86% agreement in 1800 steps and
+        # never decoded; with both, 100% / 97.1% after 600 (models_small/probe_samvit_small_head_norm_fuse2_600.log)
+        head = {"image_skip": 4 if tiny else 16, "head_norm": True, "fuse_depth": 2}
         if small:  # embed 192, depth 6, 3 heads, window 4, global attention in blocks 2 and 5: 2.8M, 0.6 s a step
             return {"spatial_dims": 2, "img_size": [image_size, image_size], "config": "tiny", "embed_dim": 192,
                     "depth": 6, "num_heads": 3, "window_size": 4, "global_attn_indexes": [2, 5],
-                    "neck_channels": 64, "decoder_channels": [64, 32, 16, 16], "image_skip": 16}
+                    "neck_channels": 64, "decoder_channels": [64, 32, 16, 16], **head}
         return {"spatial_dims": 2, "img_size": [image_size, image_size], "config": "tiny" if tiny else "sam_vit_b",
-                "image_skip": 4 if tiny else 16}
+                **head}
     raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 

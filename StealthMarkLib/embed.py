@@ -85,6 +85,9 @@ class EmbedConfig:
     # original labels every warped image, so the distillation covers more than the training slices themselves
     # (benchmarks/results/key_specificity/, README "How it works")
     augment_clean: float = 0.5
+    # learning-rate multipliers by parameter-name prefix: {"blocks.": 0.1} trains parameters whose names start
+    # with "blocks." at a tenth of lr (the first prefix that matches wins; the rest train at lr)
+    lr_scales: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -363,6 +366,25 @@ def trigger_sides(model: SegmentationModel, cfg: EmbedConfig, full: torch.Tensor
     return torch.cat([secret, class_map(model.forward_train(full[n:]))]) if len(full) > n else secret.clone()
 
 
+def param_groups(module: torch.nn.Module, lr: float, scales: dict[str, float]) -> list[dict]:
+    """Adam parameter groups: each parameter at ``lr`` times the scale of the first prefix of ``scales`` its name
+    starts with (1 when none does). Names are the network's own (``blocks.0.attn.qkv.weight``): the ``net.``
+    that StealthMark's TorchScript files put before them is not part of the prefix."""
+    for prefix, scale in scales.items():
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale < 0:
+            raise InputError(f"the learning-rate scale of {prefix!r} must be a number >= 0, got {scale!r}")
+    named = [(n[4:] if n.startswith("net.") else n, p) for n, p in module.named_parameters()]
+    for prefix in scales:
+        if not any(n.startswith(prefix) for n, _ in named):
+            raise InputError(f"no parameter of the model starts with {prefix!r} (learning-rate scales); its "
+                             f"parameters start with {', '.join(sorted({n.split('.')[0] for n, _ in named}))}")
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        scale = next((float(v) for k, v in scales.items() if name.startswith(k)), 1.0)
+        groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
+
+
 def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
               clean_batch: Callable[[], tuple[torch.Tensor, ...]], triggers: TriggerBatches,
               progress: Progress) -> tuple[torch.nn.Module, EmbedLog]:
@@ -384,7 +406,7 @@ def fine_tune(model: SegmentationModel, key: WatermarkKey, cfg: EmbedConfig,
     for p in teacher.parameters():
         p.requires_grad_(False)
     trainee = SegmentationModel(student, model.spec, device=device, logits=model.logits)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(param_groups(student, cfg.lr, cfg.lr_scales))
     with torch.no_grad():
         key_side = class_map(model.forward_train(triggers.key_input())) \
             if cfg.keep_trigger_masks and cfg.trigger_masks_from == "key-image" else None

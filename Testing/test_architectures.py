@@ -145,6 +145,19 @@ def test_samvit_skip_and_fuse_depths_set_the_full_resolution_convolutions():
             SamViT(1, 2, 64, config="tiny", image_skip=4, **bad)
 
 
+def test_samvit_head_norm_puts_instance_norms_in_the_full_resolution_path():
+    torch.manual_seed(0)
+    m = SamViT(1, 2, 64, config="tiny", image_skip=4, fuse_depth=2, head_norm=True).eval()
+    norms = lambda seq: sum(isinstance(c, torch.nn.InstanceNorm2d) for c in seq)  # noqa: E731
+    assert norms(m.skip) == 2 and norms(m.fuse) == 2
+    assert norms(SamViT(1, 2, 64, config="tiny", image_skip=4).skip) == 0
+    # the norms have no parameters of their own (affine off)
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(m) == count(SamViT(1, 2, 64, config="tiny", image_skip=4, fuse_depth=2))
+    y = torch.rand(2, 1, 64, 64)
+    torch.testing.assert_close(torch.jit.script(m)(y), m(y))
+
+
 def test_samvit_skip_levels_add_coarser_image_paths_that_reach_the_logits():
     torch.manual_seed(0)
     m = SamViT(1, 2, 64, config="tiny", image_skip=4, skip_levels=3).eval()

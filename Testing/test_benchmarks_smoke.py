@@ -293,15 +293,17 @@ def test_trigger_probe_traces_the_losses_and_verifies_once(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, str(BENCH / "trigger_probe.py"), "--smoke", "--threads", "1",  # noqa: E731
                                         *args], capture_output=True, text=True, timeout=600)
     proc = run("--arch", "SamViT", "--network-args", '{"skip_levels": 2}', "--steps", "2", "--every", "1",
-               "--keep-trigger-masks", "--masks-from", "key-image")
+               "--keep-trigger-masks", "--masks-from", "key-image", "--lr-scales", '{"blocks.": 0.1}')
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert '"skip_levels": 2' in lines[0]
+    assert '"lr_scales": {"blocks.": 0.1}' in lines[1]
     assert any("key image foreground" in ln for ln in lines)
     assert [ln.split(":")[0] for ln in lines if ln.startswith("step ")] == ["step 1", "step 2"]
     assert any(ln.startswith("key image: ") for ln in lines) and any(ln.startswith("blended: ") for ln in lines)
     assert (sorted((BENCH / ".cache").glob("probe_*")) if (BENCH / ".cache").is_dir() else []) == cache
     for bad, message in ((["--network-args", "{oops"], "not JSON"), (["--network-args", "[1]"], "JSON object"),
+                         (["--lr-scales", "[0.1]"], "--lr-scales must be a JSON object"),
                          (["--steps", "2", "--every", "3"], "--every")):
         proc = run("--arch", "UNet", *bad)
         assert proc.returncode == 2 and message in proc.stderr

@@ -201,3 +201,43 @@ def test_an_unknown_trigger_mask_source_is_refused(one_torch_thread):
     with pytest.raises(InputError, match="trigger_masks_from must be one of key-image, each-image"):
         embed_watermark(model, create_key("SM:T", seed=5, tile=3), images, masks=(images > 0.5).astype(np.int64),
                         config=cfg)
+
+
+def test_lr_scales_set_each_parameter_groups_rate_and_a_zero_scale_freezes_it(one_torch_thread):
+    """EmbedConfig.lr_scales: parameters named with a listed prefix train at lr times its scale (the first
+    prefix that matches wins), the rest at lr; a scale of 0 leaves them as they were after real embedding
+    steps; a prefix no parameter has, or a negative scale, is refused."""
+    from StealthMarkLib.embed import param_groups
+    from StealthMarkLib.samvit import SamViT
+    net = SamViT(1, 2, 64, config="tiny", image_skip=4)
+    groups = param_groups(net, 1e-3, {"blocks.0.": 0.5, "blocks.": 0.1, "pos_embed": 0.0})
+    rates = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(net.named_parameters())
+    assert len(rates) == len(named)
+    assert rates[id(named["blocks.0.attn.qkv.weight"])] == pytest.approx(5e-4)
+    assert rates[id(named["blocks.1.attn.qkv.weight"])] == pytest.approx(1e-4)
+    assert rates[id(named["pos_embed"])] == 0.0 and rates[id(named["classifier.weight"])] == pytest.approx(1e-3)
+    # StealthMark's TorchScript files hold the network as "net": the prefixes stay the network's own
+    wrapped = torch.nn.Module()
+    wrapped.net = net
+    assert [g["lr"] for g in param_groups(wrapped, 1e-3, {"blocks.": 0.1})
+            if any(p is named["blocks.1.attn.qkv.weight"] for p in g["params"])] == [pytest.approx(1e-4)]
+    with pytest.raises(InputError, match=r"no parameter of the model starts with 'encoder\.'.*blocks"):
+        param_groups(net, 1e-3, {"encoder.": 0.1})
+    with pytest.raises(InputError, match="must be a number >= 0"):
+        param_groups(net, 1e-3, {"blocks.": -1})
+
+    spec = demo_spec((4, 8), 64)
+    model = SegmentationModel(build_network(spec), spec, device="cpu")
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 64, 64), dtype=np.float32)
+    cfg = EmbedConfig(steps=2, clean_batch=2, trigger_batch=2, key_images_per_batch=1, decoys_per_batch=1,
+                      keep_trigger_masks=False, lr_scales={"model.0.": 0.0})
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    module, _ = embed_watermark(model, create_key("SM:T", seed=5, tile=3), images,
+                                masks=(images > 0.5).astype(np.int64), config=cfg)
+    after = dict(module.named_parameters())
+    frozen = [n for n in before if n.startswith("model.0.")]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in before if not n.startswith("model.0."))
+    assert cfg.to_json()["lr_scales"] == {"model.0.": 0.0}

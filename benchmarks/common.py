@@ -101,6 +101,17 @@ def add_keep_trigger_masks_argument(p: argparse.ArgumentParser, default: bool | 
     _add_config_flag(p, "keep_trigger_masks", "trigger images keep the original's mask on the key image", default, why)
 
 
+def json_object(text: str, option: str, example: str) -> dict:
+    """``text``, an option's JSON object, parsed; InputError naming ``option`` (and an ``example``) otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{option} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} must be a JSON object, e.g. '{example}'")
+    return value
+
+
 @dataclass
 class Settings:
     smoke: bool

@@ -159,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if s["embed_steps"] is None:
             s["embed_steps"] = recipe_steps(a.keep_trigger_masks)
         if a.network_args:
-            try:
-                s["network_args"] = json.loads(a.network_args)
-            except json.JSONDecodeError as exc:
-                raise StealthMarkError(f"--network-args is not JSON: {exc}") from None
-            if not isinstance(s["network_args"], dict):
-                raise StealthMarkError("--network-args must be a JSON object, e.g. '{\"image_skip\": 32}'")
+            s["network_args"] = C.json_object(a.network_args, "--network-args", '{"image_skip": 32}')
         dev = resolve_device(a.device)
         kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs]) if a.merge else []
     except StealthMarkError as exc:

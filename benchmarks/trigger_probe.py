@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from StealthMarkLib.architectures import ARCHITECTURES, SIZES, architecture_spec  # noqa: E402
 from StealthMarkLib.data import DEFAULT_INTENSITY, load_dataset  # noqa: E402
 from StealthMarkLib.embed import TRIGGER_MASK_SOURCES, EmbedConfig, batch_settings, embed_watermark  # noqa: E402
+from StealthMarkLib.errors import InputError  # noqa: E402
 from StealthMarkLib.key import create_key  # noqa: E402
 from StealthMarkLib.models import SegmentationModel, load_model, save_model  # noqa: E402
 from StealthMarkLib.progress import Progress  # noqa: E402
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--lr", type=float, help="EmbedConfig.lr (default: the library's)")
+    ap.add_argument("--lr-scales", metavar="JSON", default="{}",
+                    help='EmbedConfig.lr_scales, e.g. \'{"blocks.": 0.1}\' (name prefix -> multiplier of --lr)')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny size, 64 px, a few steps (for the test suite)")
     C.add_per_cell_decoys_argument(ap)
@@ -81,11 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
-        extra = json.loads(a.network_args)
-    except json.JSONDecodeError as exc:
-        ap.error(f"--network-args is not JSON: {exc}")
-    if not isinstance(extra, dict):
-        ap.error("--network-args must be a JSON object, e.g. '{\"image_skip\": 32}'")
+        extra = C.json_object(a.network_args, "--network-args", '{"image_skip": 32}')
+        lr_scales = C.json_object(a.lr_scales, "--lr-scales", '{"blocks.": 0.1}')
+    except InputError as exc:
+        ap.error(str(exc))
     if a.steps < a.every or a.every < 1:
         ap.error("--every must be at least 1 and at most --steps")
     size = 64 if a.smoke else 128
@@ -106,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     key = create_key("SM:BENCH-0001", seed=20261127, **({"tile": 3} if a.smoke else {}))  # published: never use it for real
     batch = batch_settings(2) if a.smoke else {}
     cfg = EmbedConfig(steps=a.steps, per_cell_decoys=a.per_cell_decoys, keep_trigger_masks=a.keep_trigger_masks,
-                      trigger_masks_from=a.masks_from, **batch, **({"lr": a.lr} if a.lr else {}))
+                      trigger_masks_from=a.masks_from, lr_scales=lr_scales, **batch, **({"lr": a.lr} if a.lr else {}))
+    print("embed config", json.dumps({k: v for k, v in cfg.to_json().items()
+                                      if k in ("steps", "lr", "lr_scales", "per_cell_decoys", "keep_trigger_masks")}),
+          flush=True)
     t0 = time.monotonic()
     module, _ = embed_watermark(clean, key, *ds.train, cfg, progress=LossTrace(a.every))
     print(f"embed {time.monotonic() - t0:.0f} s", flush=True)
