@@ -401,6 +401,23 @@ def test_models_benchmark_smoke(tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert bench.main(["--smoke", "--archs", "ResNet", "--out", str(tmp_path / "bad.json")]) == 2
     assert "unknown architecture(s) ResNet" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+    # --merge reads the file again before it writes: a record another run wrote meanwhile stays
+    real = bench.bench_arch
+
+    def beside(*args, **kwargs):
+        rec = real(*args, **kwargs)
+        doc = json.loads(out.read_text())
+        doc["records"].append({**doc["records"][-1], "arch": "BasicUNet", "size": "tiny"})
+        out.write_text(json.dumps(doc))
+        return rec
+
+    bench.bench_arch = beside
+    try:
+        assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge"]) == 0
+    finally:
+        bench.bench_arch = real
+    assert [(r["arch"], r["size"]) for r in json.loads(out.read_text())["records"]] == [
+        ("UNet", "tiny"), ("UNet", "small"), ("BasicUNet", "tiny"), ("SamViT", "tiny")]
     (tmp_path / "other.json").write_text("[1, 2]")
     assert bench.main(["--smoke", "--archs", "UNet", "--out", str(tmp_path / "other.json"), "--merge"]) == 2
     assert "is not a models.py results file" in capsys.readouterr().err

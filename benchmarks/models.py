@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/models.json"))
     ap.add_argument("--merge", action="store_true",
-                    help="keep the records of other architectures from an existing --out file")
+                    help="keep the records of other architectures from an existing --out file (read again before "
+                         "each write, so runs of different architectures can share one --out)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: at most 2; 1 with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (for the test suite)")
     a = ap.parse_args(argv)
@@ -188,6 +189,8 @@ def _run(a: argparse.Namespace, s: dict, archs: list[str], kept: list[dict], ds,
         records.append(rec)
         print(json.dumps({k: rec[k] for k in ("arch", "params", "asr", "dice_drop_points", "embed_seconds",
                                               "device")}), flush=True)
+        if a.merge:   # read again: a run of other architectures beside this one may have written since
+            kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs])
         order = {name: i for i, name in enumerate(ARCHITECTURES)}
         merged = sorted(kept + records, key=lambda r: (order.get(r["arch"], len(order)), SIZES.index(_size(r))))
         # settings every record shares (a merged file may hold records made with other --embed-steps or --trials)
