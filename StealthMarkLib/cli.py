@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-cell-decoys", action=argparse.BooleanOptionalAction, default=None,
                    help="decoy images with a random tile in every cell (the default); --no-per-cell-decoys: one "
                         "random other secret tile in all dark cells, the earlier recipe, which the SamViT "
-                        "record of benchmarks/results/models.json was measured with (README 'Architectures')")
+                        "record of benchmarks/results/models.json was measured with, beside "
+                        "--no-keep-trigger-masks (README 'Architectures')")
     _method_opt(e)
     _model_opts(e)
     _common(e)
