@@ -366,7 +366,7 @@ def _benchmark():
     return mod
 
 
-def test_models_benchmark_smoke(tmp_path, capsys):
+def test_models_benchmark_smoke(tmp_path, capsys, monkeypatch):
     bench = _benchmark()
     out = tmp_path / "models.json"
     assert bench.main(["--smoke", "--archs", "SamViT", "--no-per-cell-decoys", "--out", str(out)]) == 0
@@ -411,11 +411,9 @@ def test_models_benchmark_smoke(tmp_path, capsys):
         out.write_text(json.dumps(doc))
         return rec
 
-    bench.bench_arch = beside
-    try:
-        assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge"]) == 0
-    finally:
-        bench.bench_arch = real
+    monkeypatch.setattr(bench, "bench_arch", beside)
+    assert bench.main(["--smoke", "--archs", "UNet", "--out", str(out), "--merge"]) == 0
+    monkeypatch.setattr(bench, "bench_arch", real)
     assert [(r["arch"], r["size"]) for r in json.loads(out.read_text())["records"]] == [
         ("UNet", "tiny"), ("UNet", "small"), ("BasicUNet", "tiny"), ("SamViT", "tiny")]
     (tmp_path / "other.json").write_text("[1, 2]")

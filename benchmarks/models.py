@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.network_args:
             s["network_args"] = C.json_object(a.network_args, "--network-args", '{"image_skip": 32}')
         dev = resolve_device(a.device)
-        kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs]) if a.merge else []
+        if a.merge:   # a file that is not a results file is refused before anything runs
+            _kept_records(Path(a.out), [(x, s["size"]) for x in archs])
     except StealthMarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -172,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     size = s["image_size"]
     ds = load_dataset(t1, (size, size), labels=mask, label=SAMPLE_LABEL)
     with tempfile.TemporaryDirectory(prefix="sm-models-") as tmp:   # the models and the key: removed at the end
-        return _run(a, s, archs, kept, ds, Path(tmp), str(dev))
+        return _run(a, s, archs, ds, Path(tmp), str(dev))
 
 
-def _run(a: argparse.Namespace, s: dict, archs: list[str], kept: list[dict], ds, tmp: Path, dev: str) -> int:
+def _run(a: argparse.Namespace, s: dict, archs: list[str], ds, tmp: Path, dev: str) -> int:
     # published: never use it for real. samples None: the verifier's defaults (4000 on the key image alone,
     # 1000 per blended slice), as `stealthmark verify` uses them
     key = create_key("SM:BENCH-0001", seed=20261127, **({"samples": s["samples"]} if s["samples"] else {}))
@@ -189,8 +190,8 @@ def _run(a: argparse.Namespace, s: dict, archs: list[str], kept: list[dict], ds,
         records.append(rec)
         print(json.dumps({k: rec[k] for k in ("arch", "params", "asr", "dice_drop_points", "embed_seconds",
                                               "device")}), flush=True)
-        if a.merge:   # read again: a run of other architectures beside this one may have written since
-            kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs])
+        # read at each write: a run of other architectures beside this one may have written since
+        kept = _kept_records(Path(a.out), [(x, s["size"]) for x in archs]) if a.merge else []
         order = {name: i for i, name in enumerate(ARCHITECTURES)}
         merged = sorted(kept + records, key=lambda r: (order.get(r["arch"], len(order)), SIZES.index(_size(r))))
         # settings every record shares (a merged file may hold records made with other --embed-steps or --trials)
